@@ -1,0 +1,1 @@
+"""Serving: HTTP inference API, serving model store, sync receiver."""

@@ -1,0 +1,1 @@
+"""Streaming: Kafka source/sink, example codec, joiner, local broker launcher."""
