@@ -88,7 +88,7 @@ def _as_numpy(name: str, value: Any) -> np.ndarray:
             f"array {name!r} has dtype {arr.dtype}, which frames do not carry; "
             "use a bool, integer or float dtype"
         )
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
 def encode_arrays(
