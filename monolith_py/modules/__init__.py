@@ -1,1 +1,6 @@
-"""modules."""
+"""Torch modules: the KJT-in/KeyedTensor-out embedding collection and ranking models."""
+
+from monolith_py.modules.embedding_bag_collection import DynamicEmbeddingBagCollection
+from monolith_py.modules.models import MLP, DLRM, DeepFM, embedding_dims
+
+__all__ = ["DynamicEmbeddingBagCollection", "DLRM", "DeepFM", "MLP", "embedding_dims"]

@@ -1,0 +1,486 @@
+"""A drop-in for TorchRec's ``EmbeddingBagCollection`` backed by collisionless tables.
+
+``KeyedJaggedTensor`` in, ``KeyedTensor`` out, same key order and layout as TorchRec's
+EBC; the rows live in a :class:`~monolith_py.table.backend.SparseBackend` (in-process
+tables by default, parameter-server shards in multi-process mode) instead of fixed-size
+``nn.Parameter`` matrices.
+
+How a training step flows:
+
+1. ``forward(kjt)`` validates the KJT (before anything changes), deduplicates the ids per
+   table in one compiled pass, fetches the unique rows of every table in **one** backend
+   call, and pools them with ``torch.nn.functional.embedding_bag`` over the gathered rows
+   (one call per embedding width). The gathered rows ``[U, dim]`` are an autograd leaf.
+2. ``loss.backward()`` therefore leaves the gradient of each *unique* row in that leaf's
+   ``.grad`` -- the per-id gradient, already summed over every occurrence in the batch.
+3. ``apply_sparse_gradients(now)`` hands those gradients to the backend (one call for all
+   tables), whose tables run their own sparse optimizers.
+
+In eval mode, or under ``torch.no_grad()``, the lookup is read-only: nothing is admitted
+or inserted and nothing is remembered for a later update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from monolith_py.errors import ConfigError, InvalidInputError, InvalidTypeError
+from monolith_py.modules._dedup import dedup_by_table
+from monolith_py.table.backend import LocalBackend, SparseBackend
+
+if TYPE_CHECKING:  # pragma: no cover
+    from monolith_py.table import TableConfig
+
+__all__ = ["DynamicEmbeddingBagCollection"]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Everything about a KJT key order that can be computed once and cached."""
+
+    seg_table: np.ndarray  # int64 [F_kjt]: dedup-order table index of each KJT key
+    groups: tuple[tuple[int, ...], ...]  # per dim group: KJT key positions, KJT order
+    # per config feature: (group index, position inside that group's pooled output)
+    feature_src: tuple[tuple[int, int], ...]
+    group_perm: tuple[torch.Tensor | None, ...]  # per group: reorder to config order
+    mean_mask: torch.Tensor | None  # bool [F_kjt]: KJT keys pooled by mean
+    single: bool  # one dim group covering every key in config order or permuted
+
+
+@dataclass
+class _Pending:
+    """What one training forward leaves for :meth:`apply_sparse_gradients`."""
+
+    keys: dict[str, torch.Tensor]  # table -> unique keys
+    leaves: list[torch.Tensor]  # per dim group: gathered rows [U_g, d_g] (requires grad)
+    # per table: (group index, start row, end row) inside that group's leaf
+    slices: dict[str, tuple[int, int, int]]
+
+
+class DynamicEmbeddingBagCollection(nn.Module):
+    """Pooled embeddings of several sparse features from collisionless, growing tables.
+
+    Args:
+        tables: one :class:`~monolith_py.table.TableConfig` per table; a table serves the
+            features named in its ``feature_names`` (its own name when empty), so several
+            features may share one table. ``pooling`` ("sum" or "mean") and ``dim`` come
+            from the config.
+        backend: where the rows live. ``None`` builds a
+            :class:`~monolith_py.table.backend.LocalBackend` of new
+            :class:`~monolith_py.table.EmbeddingTable`s on ``device``.
+        device: where the output (and, for the default backend, the arenas) lives.
+        is_weighted: as in TorchRec: when True the KJT must carry ``weights`` and each
+            id's row is scaled by its weight before pooling; when False weights are ignored.
+
+    Shapes: ``forward(kjt)`` takes a KJT with stride ``B`` whose keys are exactly the
+    configured features (any order) and returns a ``KeyedTensor`` whose ``values()`` is
+    float32 ``[B, sum of dims]``: features in config order (table by table, features in
+    ``feature_names`` order), each ``dim`` wide. Empty bags pool to zeros.
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> from monolith_py.table import TableConfig
+        >>> ebc = DynamicEmbeddingBagCollection([
+        ...     TableConfig("user", dim=4, feature_names=("user",)),
+        ...     TableConfig("item", dim=4, feature_names=("item", "clicked_items")),
+        ... ])
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["user", "item", "clicked_items"],
+        ...     values=torch.tensor([7, 8, 100, 101, 100, 102, 103]),
+        ...     lengths=torch.tensor([1, 1, 1, 1, 3, 0]))
+        >>> out = ebc(kjt)
+        >>> out.keys(), out.values().shape
+        (['user', 'item', 'clicked_items'], torch.Size([2, 12]))
+        >>> out.values().sum().backward()
+        >>> ebc.apply_sparse_gradients(now=1_700_000_000)
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[TableConfig],
+        backend: SparseBackend | None = None,
+        device: torch.device | str = "cpu",
+        is_weighted: bool = False,
+    ) -> None:
+        super().__init__()
+        if not tables:
+            raise ConfigError("DynamicEmbeddingBagCollection needs at least one TableConfig")
+        self._device = torch.device(device)
+        self._is_weighted = bool(is_weighted)
+        self._configs: tuple[TableConfig, ...] = tuple(tables)
+
+        names = [c.name for c in self._configs]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(f"table names must be unique, got duplicates {dup}")
+        feature_names: list[str] = []
+        feature_table: dict[str, str] = {}
+        for c in self._configs:
+            pooling = str(getattr(c, "pooling", "sum")).lower()
+            if pooling not in ("sum", "mean"):
+                raise ConfigError(
+                    f"table {c.name!r}: pooling must be 'sum' or 'mean', got {pooling!r}"
+                )
+            for f in tuple(c.feature_names) or (c.name,):
+                if f in feature_table:
+                    raise ConfigError(
+                        f"feature {f!r} is served by two tables ({feature_table[f]!r} and "
+                        f"{c.name!r}); give each feature one table"
+                    )
+                feature_table[f] = c.name
+                feature_names.append(f)
+        self._feature_names: list[str] = feature_names
+        self._feature_table = feature_table
+        cfg_by_name = {c.name: c for c in self._configs}
+        self._feature_dim = {f: int(cfg_by_name[t].dim) for f, t in feature_table.items()}
+        self._feature_mean = {
+            f: str(getattr(cfg_by_name[t], "pooling", "sum")).lower() == "mean"
+            for f, t in feature_table.items()
+        }
+        self._length_per_key = [self._feature_dim[f] for f in feature_names]
+
+        # Dim groups (one embedding_bag call each), in order of first appearance; tables
+        # are deduplicated in group order so a group's unique rows are contiguous.
+        dims: list[int] = []
+        for c in self._configs:
+            if int(c.dim) not in dims:
+                dims.append(int(c.dim))
+        self._group_dims = dims
+        self._dedup_tables: list[str] = [
+            c.name for d in dims for c in self._configs if int(c.dim) == d
+        ]
+        self._table_index = {n: i for i, n in enumerate(self._dedup_tables)}
+        self._table_group = {c.name: dims.index(int(c.dim)) for c in self._configs}
+
+        if backend is None:
+            from monolith_py.table import EmbeddingTable
+
+            backend = LocalBackend(
+                {c.name: EmbeddingTable(c, device=self._device) for c in self._configs}
+            )
+        self._backend: SparseBackend = backend
+        self._layouts: dict[tuple[str, ...], _Layout] = {}
+        self._pending: list[_Pending] = []
+
+    # -- introspection ---------------------------------------------------------------------
+
+    @property
+    def backend(self) -> SparseBackend:
+        """The :class:`SparseBackend` holding the rows."""
+        return self._backend
+
+    @property
+    def table_configs(self) -> tuple[TableConfig, ...]:
+        return self._configs
+
+    def feature_names(self) -> list[str]:
+        """Output keys, in output order (config order)."""
+        return list(self._feature_names)
+
+    def embedding_dims(self) -> list[int]:
+        """Width of each output key, in output order."""
+        return list(self._length_per_key)
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def output_dim(self) -> int:
+        """Width of ``forward(kjt).values()``."""
+        return sum(self._length_per_key)
+
+    @property
+    def pending_updates(self) -> int:
+        """Training forwards whose gradients have not been applied yet."""
+        return len(self._pending)
+
+    # -- validation ------------------------------------------------------------------------
+
+    def validate_features(self, kjt: KeyedJaggedTensor) -> None:
+        """Raise :class:`~monolith_py.errors.InvalidInputError` (naming the feature and the
+        problem) unless ``kjt`` is a well-formed input for this module. Changes nothing;
+        ``forward`` calls it before touching the backend."""
+        if not isinstance(kjt, KeyedJaggedTensor):
+            raise InvalidTypeError(f"expected a KeyedJaggedTensor, got {type(kjt).__name__}")
+        keys = list(kjt.keys())
+        seen: set[str] = set()
+        for k in keys:
+            if k not in self._feature_table:
+                raise InvalidInputError(
+                    f"KJT key {k!r} is not a feature of any table "
+                    f"(configured features: {self._feature_names})"
+                )
+            if k in seen:
+                raise InvalidInputError(f"KJT key {k!r} appears twice")
+            seen.add(k)
+        missing = [f for f in self._feature_names if f not in seen]
+        if missing:
+            raise InvalidInputError(
+                f"feature(s) {missing} missing from the KJT (it has keys {keys}); every "
+                "configured feature needs a key, with zero lengths when it has no ids"
+            )
+        values = kjt.values()
+        if values.dtype not in (torch.int64, torch.int32):
+            raise InvalidTypeError(
+                f"feature ids must be int64 (or int32), got {values.dtype} for features {keys}"
+            )
+        if values.dim() != 1:
+            raise InvalidInputError(f"KJT values must be 1-D, got shape {tuple(values.shape)}")
+        if kjt.variable_stride_per_key():
+            raise InvalidInputError("KJTs with a variable batch size per feature are not supported")
+        lengths = kjt.lengths()
+        b = kjt.stride()
+        if lengths.numel() != len(keys) * b:
+            raise InvalidInputError(
+                f"KJT lengths has {lengths.numel()} entries, expected {len(keys)} features x "
+                f"{b} examples"
+            )
+        if lengths.numel():
+            per_key = lengths.view(len(keys), b)
+            if bool((per_key < 0).any()):
+                bad = [keys[i] for i in (per_key < 0).any(dim=1).nonzero().flatten().tolist()]
+                raise InvalidInputError(f"negative lengths for feature(s) {bad}")
+        total = int(lengths.sum()) if lengths.numel() else 0
+        if total != values.numel():
+            raise InvalidInputError(
+                f"KJT lengths of features {keys} sum to {total} but there are "
+                f"{values.numel()} ids"
+            )
+        if self._is_weighted:
+            w = kjt.weights_or_none()
+            if w is None:
+                raise InvalidInputError(
+                    "this collection is weighted (is_weighted=True) but the KJT has no weights"
+                )
+            if not w.is_floating_point() or w.shape != values.shape:
+                raise InvalidInputError(
+                    f"KJT weights must be float with the ids' shape {tuple(values.shape)}, got "
+                    f"{w.dtype} {tuple(w.shape)}"
+                )
+            if w.numel() and not bool(torch.isfinite(w).all()):
+                offs = np.cumsum([0, *kjt.length_per_key()])
+                bad_at = (~torch.isfinite(w)).nonzero().flatten()[:1].item()
+                f_idx = int(np.searchsorted(offs, bad_at, side="right") - 1)
+                raise InvalidInputError(f"KJT weights of feature {keys[f_idx]!r} contain NaN/inf")
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _layout(self, keys: tuple[str, ...]) -> _Layout:
+        lay = self._layouts.get(keys)
+        if lay is not None:
+            return lay
+        seg_table = np.array(
+            [self._table_index[self._feature_table[k]] for k in keys], dtype=np.int64
+        )
+        groups: list[list[int]] = [[] for _ in self._group_dims]
+        for pos, k in enumerate(keys):
+            groups[self._table_group[self._feature_table[k]]].append(pos)
+        feature_src: list[tuple[int, int]] = []
+        for f in self._feature_names:
+            g = self._table_group[self._feature_table[f]]
+            feature_src.append((g, groups[g].index(keys.index(f))))
+        group_perm: list[torch.Tensor | None] = []
+        for g, members in enumerate(groups):
+            in_cfg = [keys[p] for p in members]
+            cfg_order = [f for f in self._feature_names if self._table_group[self._feature_table[f]] == g]
+            if in_cfg == cfg_order:
+                group_perm.append(None)
+            else:
+                group_perm.append(torch.tensor([in_cfg.index(f) for f in cfg_order]))
+        means = [self._feature_mean[k] for k in keys]
+        lay = _Layout(
+            seg_table=seg_table,
+            groups=tuple(tuple(m) for m in groups),
+            feature_src=tuple(feature_src),
+            group_perm=tuple(group_perm),
+            mean_mask=torch.tensor(means, dtype=torch.bool) if any(means) else None,
+            single=len(self._group_dims) == 1,
+        )
+        self._layouts[keys] = lay
+        return lay
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pool each feature's rows: ``KeyedJaggedTensor`` (stride ``B``) ->
+        ``KeyedTensor`` with values ``[B, sum of dims]`` (see the class docstring)."""
+        self.validate_features(features)
+        keys = tuple(features.keys())
+        b = features.stride()
+        train = self.training and torch.is_grad_enabled()
+        lay = self._layout(keys)
+        if b == 0 or features.values().numel() == 0:
+            return self._zeros(b)
+
+        values = features.values()
+        length_per_key = features.length_per_key()
+        seg_offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+        np.cumsum(length_per_key, out=seg_offsets[1:])
+        uniq, inverse, table_offsets = dedup_by_table(
+            values, seg_offsets, lay.seg_table, len(self._dedup_tables)
+        )
+        request: dict[str, torch.Tensor] = {}
+        for t, name in enumerate(self._dedup_tables):
+            lo, hi = int(table_offsets[t]), int(table_offsets[t + 1])
+            if hi > lo:
+                request[name] = uniq[lo:hi]
+        rows = self._backend.lookup(request, train=train)
+
+        # Gather each dim group's unique rows into one leaf [U_g, d_g].
+        leaves: list[torch.Tensor] = []
+        group_base: list[int] = []
+        slices: dict[str, tuple[int, int, int]] = {}
+        for g, d in enumerate(self._group_dims):
+            parts: list[torch.Tensor] = []
+            start = 0
+            base = -1
+            for t, name in enumerate(self._dedup_tables):
+                if self._table_group[name] != g:
+                    continue
+                if base < 0:
+                    base = int(table_offsets[t])
+                if name in rows:
+                    r = rows[name]
+                    slices[name] = (g, start, start + r.shape[0])
+                    start += r.shape[0]
+                    parts.append(r)
+            group_base.append(max(base, 0))
+            if not parts:
+                leaf = torch.zeros(0, d, device=self._device)
+            elif len(parts) == 1:
+                leaf = parts[0].detach().to(self._device, torch.float32)
+            else:
+                leaf = torch.cat(parts).detach().to(self._device, torch.float32)
+            if train:
+                leaf.requires_grad_(True)
+            leaves.append(leaf)
+
+        lengths = features.lengths()
+        psw = self._sample_weights(features, lay, lengths)
+        inverse = inverse.to(self._device)
+        if lay.single:
+            offsets = _offsets(lengths).to(self._device)
+            pooled = F.embedding_bag(
+                inverse, leaves[0], offsets, mode="sum",
+                per_sample_weights=psw, include_last_offset=True,
+            ).view(len(keys), b, self._group_dims[0])
+            perm = lay.group_perm[0]
+            if perm is not None:
+                pooled = pooled.index_select(0, perm.to(self._device))
+            out = pooled.transpose(0, 1).reshape(b, -1)
+        else:
+            per_group: list[torch.Tensor] = []
+            lpk = lengths.view(len(keys), b)
+            for g, members in enumerate(lay.groups):
+                if not members:
+                    per_group.append(torch.zeros(0, b, self._group_dims[g], device=self._device))
+                    continue
+                idx = torch.cat([inverse[seg_offsets[p]:seg_offsets[p + 1]] for p in members])
+                idx = idx - group_base[g]
+                w = None
+                if psw is not None:
+                    w = torch.cat([psw[seg_offsets[p]:seg_offsets[p + 1]] for p in members])
+                offs = _offsets(lpk[list(members)].reshape(-1)).to(self._device)
+                per_group.append(
+                    F.embedding_bag(
+                        idx, leaves[g], offs, mode="sum",
+                        per_sample_weights=w, include_last_offset=True,
+                    ).view(len(members), b, self._group_dims[g])
+                )
+            out = torch.cat([per_group[g][i] for g, i in lay.feature_src], dim=1)
+
+        if train:
+            self._pending.append(
+                _Pending(keys=request, leaves=leaves, slices=slices)
+            )
+        return KeyedTensor(
+            keys=list(self._feature_names),
+            length_per_key=list(self._length_per_key),
+            values=out,
+        )
+
+    def _zeros(self, b: int) -> KeyedTensor:
+        return KeyedTensor(
+            keys=list(self._feature_names),
+            length_per_key=list(self._length_per_key),
+            values=torch.zeros(b, self.output_dim, device=self._device),
+        )
+
+    def _sample_weights(
+        self, kjt: KeyedJaggedTensor, lay: _Layout, lengths: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per-id multipliers: KJT weights (when weighted) times ``1/len(bag)`` for
+        mean-pooled features; ``None`` when every multiplier would be 1."""
+        w = kjt.weights().to(torch.float32) if self._is_weighted else None
+        if lay.mean_mask is not None:
+            b = kjt.stride()
+            per_bag = 1.0 / lengths.clamp(min=1).to(torch.float32)
+            per_bag = torch.where(lay.mean_mask.repeat_interleave(b), per_bag, 1.0)
+            scale = per_bag.repeat_interleave(lengths)
+            w = scale if w is None else w * scale
+        return None if w is None else w.to(self._device)
+
+    # -- sparse update ---------------------------------------------------------------------
+
+    def apply_sparse_gradients(self, now: int) -> int:
+        """Hand the per-id gradients of every training forward since the last call to the
+        backend (one call for all tables) at event time ``now``; returns the number of
+        (table, key) gradients sent. Call after ``loss.backward()``. Forwards whose rows
+        got no gradient (not part of the loss) send nothing."""
+        if not self._pending:
+            return 0
+        keys: dict[str, list[torch.Tensor]] = {}
+        grads: dict[str, list[torch.Tensor]] = {}
+        for p in self._pending:
+            for name, (g, lo, hi) in p.slices.items():
+                grad = p.leaves[g].grad
+                if grad is None or hi == lo:
+                    continue
+                keys.setdefault(name, []).append(p.keys[name])
+                grads.setdefault(name, []).append(grad[lo:hi])
+        self._pending.clear()
+        if not keys:
+            return 0
+        update = {
+            name: (
+                ks[0] if len(ks) == 1 else torch.cat(ks),
+                grads[name][0] if len(ks) == 1 else torch.cat(grads[name]),
+            )
+            for name, ks in keys.items()
+        }
+        self._backend.apply_gradients(update, int(now))
+        return sum(int(k.numel()) for k, _ in update.values())
+
+    def discard_pending(self) -> None:
+        """Forget training forwards without applying their gradients (e.g. after a step
+        was abandoned because its loss was not finite)."""
+        self._pending.clear()
+
+    def evict_expired(self, now: int) -> dict[str, int]:
+        """Evict rows older than each table's TTL at event time ``now`` (backend call)."""
+        return self._backend.evict_expired(int(now))
+
+    def sparse_stats(self) -> dict[str, dict[str, Any]]:
+        """Per-table statistics from the backend."""
+        return self._backend.stats()
+
+    def extra_repr(self) -> str:
+        parts = [f"{c.name}(dim={c.dim}, features={list(c.feature_names) or [c.name]})"
+                 for c in self._configs]
+        return ", ".join(parts)
+
+
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """``[n]`` lengths -> ``[n + 1]`` offsets starting at 0."""
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    torch.cumsum(lengths.to(torch.int64), dim=0, out=out[1:])
+    return out
+
