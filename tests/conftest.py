@@ -16,3 +16,6 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Session-wide local Kafka-protocol broker (`kafka_broker` fixture), from streaming/.
+from streaming.testing import kafka_broker  # noqa: E402,F401
