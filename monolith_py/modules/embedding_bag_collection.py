@@ -10,7 +10,8 @@ How a training step flows:
 1. ``forward(kjt)`` validates the KJT (before anything changes), deduplicates the ids per
    table in one compiled pass, fetches the unique rows of every table in **one** backend
    call, and pools them with ``torch.nn.functional.embedding_bag`` over the gathered rows
-   (one call per embedding width). The gathered rows ``[U, dim]`` are an autograd leaf.
+   (one call per embedding width). The gathered rows ``[U, dim]`` are an autograd leaf
+   (see :mod:`monolith_py.modules._pooling` for the fast backward).
 2. ``loss.backward()`` therefore leaves the gradient of each *unique* row in that leaf's
    ``.grad`` -- the per-id gradient, already summed over every occurrence in the batch.
 3. ``apply_sparse_gradients(now)`` hands those gradients to the backend (one call for all
@@ -28,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from monolith_py.errors import ConfigError, InvalidInputError, InvalidTypeError
 from monolith_py.modules._dedup import dedup_by_table
+from monolith_py.modules._pooling import pool_unique_rows
 from monolith_py.table.backend import LocalBackend, SparseBackend
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -247,7 +248,7 @@ class DynamicEmbeddingBagCollection(nn.Module):
             )
         if lengths.numel():
             per_key = lengths.view(len(keys), b)
-            if bool((per_key < 0).any()):
+            if int(lengths.min()) < 0:
                 bad = [keys[i] for i in (per_key < 0).any(dim=1).nonzero().flatten().tolist()]
                 raise InvalidInputError(f"negative lengths for feature(s) {bad}")
         total = int(lengths.sum()) if lengths.numel() else 0
@@ -368,10 +369,9 @@ class DynamicEmbeddingBagCollection(nn.Module):
         inverse = inverse.to(self._device)
         if lay.single:
             offsets = _offsets(lengths).to(self._device)
-            pooled = F.embedding_bag(
-                inverse, leaves[0], offsets, mode="sum",
-                per_sample_weights=psw, include_last_offset=True,
-            ).view(len(keys), b, self._group_dims[0])
+            pooled = pool_unique_rows(leaves[0], inverse, offsets, psw).view(
+                len(keys), b, self._group_dims[0]
+            )
             perm = lay.group_perm[0]
             if perm is not None:
                 pooled = pooled.index_select(0, perm.to(self._device))
@@ -390,10 +390,9 @@ class DynamicEmbeddingBagCollection(nn.Module):
                     w = torch.cat([psw[seg_offsets[p]:seg_offsets[p + 1]] for p in members])
                 offs = _offsets(lpk[list(members)].reshape(-1)).to(self._device)
                 per_group.append(
-                    F.embedding_bag(
-                        idx, leaves[g], offs, mode="sum",
-                        per_sample_weights=w, include_last_offset=True,
-                    ).view(len(members), b, self._group_dims[g])
+                    pool_unique_rows(leaves[g], idx, offs, w).view(
+                        len(members), b, self._group_dims[g]
+                    )
                 )
             out = torch.cat([per_group[g][i] for g, i in lay.feature_src], dim=1)
 
