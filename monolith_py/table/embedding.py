@@ -1,0 +1,422 @@
+"""``EmbeddingTable``: collisionless rows behind a cuckoo index, with admission, expiry,
+sparse optimizers, change tracking and a sharding-independent state."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from monolith_py.errors import InvalidInputError, InvalidTypeError
+from monolith_py.table._arena import RowArena, gather_rows, sum_by_row
+from monolith_py.table._arrays import as_float_rows, as_keys, check_reserved
+from monolith_py.table._kernels import EMPTY
+from monolith_py.table.admission import CountMinSketch, admit
+from monolith_py.table.changes import DeletionLog, TableDelta
+from monolith_py.table.config import TableConfig
+from monolith_py.table.cuckoo import CuckooHashMap
+from monolith_py.table.expiry import expired
+from monolith_py.table.init import INIT_KINDS, init_rows
+from monolith_py.table.optim import apply_optimizer, slot_specs
+from monolith_py.table._state import STATE_FORMAT, check_state
+
+__all__ = ["EmbeddingTable"]
+
+_EMPTY_KEYS = np.zeros(0, dtype=np.int64)
+
+
+def _as_time(now: Any) -> int:
+    if isinstance(now, (bool, np.bool_)) or isinstance(now, (float, np.floating)):
+        raise InvalidTypeError(f"now must be an integer (event-time seconds), got {now!r}")
+    try:
+        return int(operator.index(now))
+    except TypeError:
+        raise InvalidTypeError(
+            f"now must be an integer (event-time seconds), got {type(now).__name__}"
+        ) from None
+
+
+class EmbeddingTable:
+    """One embedding table: every int64 id gets its own row (no hashing-trick collisions).
+
+    Args:
+        config: the table's :class:`~monolith_py.table.TableConfig`.
+        device: where :meth:`lookup` returns its rows (the rows live in host memory).
+
+    Call order per training step: ``lookup(keys, train=True)`` (forward), then
+    ``apply_gradients(keys, grads, now)`` (after ``backward``). Not thread-safe: one
+    thread drives one table.
+
+    Example::
+
+        >>> import torch
+        >>> from monolith_py.table import EmbeddingTable, OptimizerConfig, TableConfig
+        >>> t = EmbeddingTable(TableConfig("item", dim=4, optimizer=OptimizerConfig("sgd", lr=0.1)))
+        >>> keys = torch.tensor([10, 11, 10])
+        >>> t.lookup(keys, train=True).shape     # admits 10 and 11 (threshold 1)
+        torch.Size([3, 4])
+        >>> t.apply_gradients(keys, torch.ones(3, 4), now=1_700_000_000)
+        >>> len(t), t.stats()["admitted"]
+        (2, 2)
+    """
+
+    def __init__(self, config: TableConfig, device: torch.device | str = "cpu") -> None:
+        if not isinstance(config, TableConfig):
+            raise InvalidTypeError(f"config must be a TableConfig, got {type(config).__name__}")
+        self._config = config
+        self._device = torch.device(device)
+        self._dim = int(config.dim)
+        self._specs = slot_specs(config.optimizer, self._dim)
+        self._init_kind = INIT_KINDS[config.initializer]
+        self._init_scale = config.resolved_init_scale
+        self._filter = (
+            CountMinSketch(config.filter_memory_bytes) if config.admit_threshold > 1 else None
+        )
+        self._reset()
+
+    def _reset(self) -> None:
+        cfg = self._config
+        self._index = CuckooHashMap(cfg.initial_capacity, cfg.max_load_factor)
+        self._arena = RowArena(self._dim, self._specs, cfg.initial_capacity)
+        self._pending = _EMPTY_KEYS  # sorted keys sighted by train lookups since last apply
+        self._log = DeletionLog()
+        self._version = 0
+        self._clock = 0
+        self._counters = {"admitted": 0, "filtered": 0, "evicted": 0, "erased": 0}
+        if self._filter is not None:
+            self._filter.clear()
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def config(self) -> TableConfig:
+        return self._config
+
+    @property
+    def name(self) -> str:
+        return self._config.name
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def version(self) -> int:
+        """Mutation counter: +1 per batch that wrote or deleted rows."""
+        return self._version
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingTable(name={self.name!r}, dim={self.dim}, size={len(self)})"
+
+    # -- admission and row creation ---------------------------------------------------------
+
+    def _admitted(self, absent: np.ndarray, from_apply: bool) -> np.ndarray:
+        """Count sightings of the unique absent keys and return those admitted."""
+        if self._filter is None:
+            return absent
+        fresh = absent[~np.isin(absent, self._pending, assume_unique=True)]
+        if not from_apply and fresh.shape[0]:
+            self._pending = np.union1d(self._pending, fresh)
+        self._filter.add(fresh)
+        return absent[admit(self._filter.estimate(absent), self._config.admit_threshold)]
+
+    def _insert(self, keys: np.ndarray, version: int) -> np.ndarray:
+        """Create rows for absent unique ``keys`` (initialized from (seed, key))."""
+        a = self._arena
+        rows = a.alloc(keys.shape[0])
+        self._index.insert_or_assign(keys, rows)
+        init_rows(a.weights, rows, keys, self._init_kind, self._init_scale, self._config.seed)
+        a.key[rows] = keys
+        a.last_update[rows] = self._clock
+        a.update_count[rows] = 0
+        a.version[rows] = version
+        self._counters["admitted"] += int(keys.shape[0])
+        return rows
+
+    def _fill_absent(self, k: np.ndarray, rows: np.ndarray, from_apply: bool) -> bool:
+        """Sight absent keys, insert admitted ones and fill their rows in ``rows``."""
+        miss = rows < 0
+        if not miss.any():
+            return False
+        absent = np.unique(k[miss])
+        new = self._admitted(absent, from_apply)
+        if not new.shape[0]:
+            return False
+        self._insert(new, self._version + 1)
+        rows[miss] = self._index.find(k[miss])
+        return True
+
+    # -- the training/serving API -----------------------------------------------------------
+
+    def lookup(self, keys: Any, train: bool = False) -> torch.Tensor:
+        """Rows of ``keys`` (int64 ``[n]``) as float32 ``[n, dim]`` on the table's device.
+
+        Unknown and not-yet-admitted keys read zeros. ``train=True`` counts a sighting for
+        each absent key (once per step) and inserts those reaching ``admit_threshold``, so
+        the forward pass sees their initial rows; ``train=False`` changes nothing.
+        """
+        k = as_keys(keys)
+        check_reserved(k)
+        rows = self._index.find(k)
+        if train and self._fill_absent(k, rows, from_apply=False):
+            self._version += 1
+        out = np.empty((k.shape[0], self._dim), dtype=np.float32)
+        gather_rows(self._arena.weights, rows, out)
+        t = torch.from_numpy(out)
+        return t if self._device.type == "cpu" else t.to(self._device)
+
+    def apply_gradients(self, keys: Any, grads: Any, now: Any) -> None:
+        """Run the optimizer on the rows of ``keys`` with gradients ``grads`` ``[n, dim]``.
+
+        Gradients of repeated keys are summed first. Absent keys are sighted (unless a
+        train lookup already counted them this step) and inserted when admitted;
+        gradients of keys still filtered are dropped (``stats()["filtered"]``). Updated
+        rows get ``last_update = now`` (event-time seconds).
+        """
+        k = as_keys(keys)
+        check_reserved(k)
+        g = as_float_rows(grads, k.shape[0], self._dim, "grads")
+        t = _as_time(now)
+        rows = self._index.find(k)
+        inserted = self._fill_absent(k, rows, from_apply=True)
+        self._pending = _EMPTY_KEYS
+        self._clock = max(self._clock, t)
+        n = k.shape[0]
+        a = self._arena
+        urows = np.empty(n, dtype=np.int64)
+        gsum = np.empty((n, self._dim), dtype=np.float32)
+        u = sum_by_row(rows, g, a.mark, urows, gsum)
+        self._counters["filtered"] += int((rows < 0).sum())
+        if u == 0:
+            if inserted:
+                self._version += 1  # rows were created though none got a gradient
+            return
+        urows = urows[:u]
+        gsum = gsum[:u]
+        self._version += 1
+        a.update_count[urows] += 1
+        apply_optimizer(self._config.optimizer, a.weights, a.slots, a.update_count, urows, gsum)
+        a.last_update[urows] = np.maximum(a.last_update[urows], t)
+        a.version[urows] = self._version
+
+    def evict_expired(self, now: Any) -> torch.Tensor:
+        """Delete rows whose last update is more than ``ttl_seconds`` before ``now`` (event
+        time); returns the evicted keys (int64 tensor, sorted)."""
+        t = _as_time(now)
+        self._clock = max(self._clock, t)
+        ttl = self._config.ttl_seconds
+        if ttl is None or len(self) == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        a = self._arena
+        live = a.live_rows()
+        rows = live[expired(a.last_update[live], t, ttl)]
+        if not rows.shape[0]:
+            return torch.zeros(0, dtype=torch.int64)
+        keys = np.sort(a.key[rows])
+        self._delete(keys, rows)
+        self._counters["evicted"] += int(keys.shape[0])
+        return torch.from_numpy(keys)
+
+    def _delete(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        self._index.erase(keys)
+        self._arena.free(rows)
+        self._version += 1
+        self._log.append(keys, self._version)
+
+    # -- direct row access (restore, serving-side stores) -----------------------------------
+
+    def erase(self, keys: Any) -> torch.Tensor:
+        """Delete ``keys``; returns a bool mask ``[n]`` of those that were present."""
+        k = as_keys(keys)
+        check_reserved(k)
+        rows = self._index.find(k)
+        present = rows >= 0
+        if present.any():
+            uk, first = np.unique(k[present], return_index=True)
+            self._delete(uk, rows[present][first])
+            self._counters["erased"] += int(uk.shape[0])
+            # a key repeated in the batch is present only at its first occurrence
+            seen = np.zeros(k.shape[0], dtype=np.bool_)
+            seen[np.flatnonzero(present)[first]] = True
+            present = seen
+        return torch.from_numpy(present)
+
+    def load_rows(
+        self,
+        keys: Any,
+        rows: Any,
+        slots: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write rows directly: ``rows`` ``[n, dim]`` for unique ``keys`` ``[n]``.
+
+        Absent keys are inserted (no admission). ``slots`` (``{name: [n, width]}``) sets
+        optimizer slots, else they are reset; ``meta`` may hold ``last_update`` and
+        ``update_count`` (int64 ``[n]``), else ``(newest event time, 0)``.
+        """
+        k = as_keys(keys)
+        check_reserved(k)
+        n = k.shape[0]
+        w = as_float_rows(rows, n, self._dim, "rows")
+        if np.unique(k).shape[0] != n:
+            raise InvalidInputError("load_rows needs unique keys; got duplicates")
+        sl: dict[str, np.ndarray] = {}
+        for name, value in (slots or {}).items():
+            if name not in self._specs:
+                raise InvalidInputError(
+                    f"unknown slot {name!r} for optimizer {self._config.optimizer.kind!r}; "
+                    f"expected {sorted(self._specs)}"
+                )
+            sl[name] = as_float_rows(value, n, self._specs[name][0], f"slots[{name!r}]")
+        md: dict[str, np.ndarray] = {}
+        for name, value in (meta or {}).items():
+            if name not in ("last_update", "update_count"):
+                raise InvalidInputError(
+                    f"unknown meta {name!r}; expected 'last_update' or 'update_count'"
+                )
+            arr = as_keys(value, f"meta[{name!r}]")
+            if arr.shape[0] != n:
+                raise InvalidInputError(f"meta[{name!r}] must have shape [{n}], got {arr.shape}")
+            md[name] = arr
+        if n == 0:
+            return
+        version = self._version + 1
+        r = self._index.find(k)
+        missing = r < 0
+        if missing.any():
+            r[missing] = self._insert(k[missing], version)
+            self._counters["admitted"] -= int(missing.sum())  # loaded, not admitted
+        a = self._arena
+        a.weights[r] = w
+        for name, (_, init) in self._specs.items():
+            a.slots[name][r] = sl[name] if name in sl else init
+        a.last_update[r] = md.get("last_update", self._clock)
+        a.update_count[r] = md.get("update_count", 0)
+        a.version[r] = version
+        self._version = version
+
+    # -- change tracking --------------------------------------------------------------------
+
+    def changes_since(self, version: int, include_state: bool = False) -> TableDelta:
+        """Rows written and keys deleted after ``version`` (see :class:`TableDelta`);
+        ``include_state=True`` adds optimizer slots and metadata (incremental snapshots)."""
+        v = _as_time(version)
+        a = self._arena
+        live = a.live_rows()
+        sel = live[a.version[live] > v]
+        order = np.argsort(a.key[sel], kind="stable")
+        sel = sel[order]
+        keys = a.key[sel]
+        deleted = self._log.since(v)
+        if deleted.shape[0] and len(self):
+            deleted = deleted[self._index.find(deleted) < 0]
+        delta_slots = last = count = None
+        if include_state:
+            delta_slots = {name: arr[sel] for name, arr in a.slots.items()}
+            last = a.last_update[sel]
+            count = a.update_count[sel]
+        return TableDelta(keys=keys, rows=a.weights[sel], deleted_keys=deleted,
+                          version=self._version, since=v, slots=delta_slots,
+                          last_update=last, update_count=count)
+
+    def trim_changes(self, version: int) -> None:
+        """Forget logged deletions at or before ``version`` (every reader is past it)."""
+        self._log.trim(_as_time(version))
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole table as key-sorted compact arrays (independent of sharding and of
+        the index layout): ``keys``, ``weights``, ``slot.<name>``, ``last_update``,
+        ``update_count``, ``row_version``, filter counters, deletion log, counters."""
+        a = self._arena
+        live = a.live_rows()
+        sel = live[np.argsort(a.key[live], kind="stable")]
+        dkeys, dvers = self._log.arrays()
+        sd: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "name": self.name,
+            "dim": self._dim,
+            "optimizer": self._config.optimizer.kind,
+            "keys": a.key[sel],
+            "weights": a.weights[sel],
+            "last_update": a.last_update[sel],
+            "update_count": a.update_count[sel],
+            "row_version": a.version[sel],
+            "version": self._version,
+            "clock": self._clock,
+            "pending": self._pending.copy(),
+            "deleted_keys": dkeys.copy(),
+            "deleted_versions": dvers.copy(),
+        }
+        for name, arr in a.slots.items():
+            sd[f"slot.{name}"] = arr[sel]
+        if self._filter is not None:
+            sd["filter.counters"] = self._filter.state_dict()["counters"]
+        for name, value in self._counters.items():
+            sd[f"stat.{name}"] = value
+        return sd
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the table's contents with ``state`` (from :meth:`state_dict`, possibly
+        another shard layout). Everything is validated first; on error the table is
+        unchanged."""
+        s = check_state(state, self._dim, self._config.optimizer.kind, self._specs,
+                        None if self._filter is None else self._filter.state_dict()["counters"])
+        keys = s["keys"]
+        n = keys.shape[0]
+        index = CuckooHashMap(max(self._config.initial_capacity, 1), self._config.max_load_factor)
+        index.reserve(n)
+        arena = RowArena(self._dim, self._specs, max(n, self._config.initial_capacity))
+        rows = arena.alloc(n)
+        index.insert_or_assign(keys, rows)
+        arena.key[rows] = keys
+        arena.weights[rows] = s["weights"]
+        for name in self._specs:
+            arena.slots[name][rows] = s[f"slot.{name}"]
+        arena.last_update[rows] = s["last_update"]
+        arena.update_count[rows] = s["update_count"]
+        arena.version[rows] = s["row_version"]
+        log = DeletionLog()
+        if s["deleted_keys"].shape[0]:
+            log.keys.append(s["deleted_keys"].copy())
+            log.versions.append(s["deleted_versions"].copy())
+        # commit
+        self._index, self._arena, self._log = index, arena, log
+        self._pending = s["pending"].copy()
+        self._version = s["version"]
+        self._clock = s["clock"]
+        self._counters = {name: s[f"stat.{name}"] for name in self._counters}
+        if self._filter is not None:
+            self._filter.load_state_dict({"counters": s["filter.counters"]})
+
+    # -- stats ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Size, capacity, counters and memory of the table."""
+        a = self._arena
+        fmem = self._filter.memory_bytes if self._filter is not None else 0
+        return {
+            "name": self.name,
+            "size": len(self),
+            "capacity": a.capacity,
+            "index_capacity": self._index.capacity,
+            "index_load_factor": self._index.load_factor,
+            **self._counters,
+            "version": self._version,
+            "deletion_log": len(self._log),
+            "filter_memory_bytes": fmem,
+            "index_memory_bytes": self._index.memory_bytes,
+            "row_memory_bytes": a.memory_bytes,
+            "memory_bytes": fmem + self._index.memory_bytes + a.memory_bytes,
+        }
