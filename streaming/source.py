@@ -78,6 +78,7 @@ class SourceOptions:
         fetch_max_bytes / max_partition_fetch_bytes: per fetch request and per partition;
             must exceed the largest message.
         max_poll_records: messages taken from kafka-python per poll.
+        receive_buffer_bytes: the socket's receive buffer (SO_RCVBUF).
         poll_timeout_s: the longest single wait inside ``poll``.
         request_timeout_s: a request the broker does not answer in this time is
             abandoned and the connection re-opened.
@@ -93,6 +94,7 @@ class SourceOptions:
     fetch_max_bytes: int = 64 << 20
     max_partition_fetch_bytes: int = 16 << 20
     max_poll_records: int = 64
+    receive_buffer_bytes: int = 4 << 20
     poll_timeout_s: float = 0.5
     request_timeout_s: float = 30.0
     backoff_initial_s: float = 0.1
@@ -204,6 +206,7 @@ class KafkaExampleSource:
             max_partition_fetch_bytes=o.max_partition_fetch_bytes,
             receive_message_max_bytes=max(o.fetch_max_bytes + (1 << 20), 100_000_000),
             max_poll_records=o.max_poll_records,
+            receive_buffer_bytes=o.receive_buffer_bytes,
             fetch_max_wait_ms=int(min(o.poll_timeout_s, 0.5) * 1000),
             request_timeout_ms=int(o.request_timeout_s * 1000),
             retry_backoff_ms=int(o.backoff_initial_s * 1000),
