@@ -33,7 +33,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from monolith_py.errors import ConfigError, InvalidInputError, InvalidTypeError
-from monolith_py.modules._dedup import dedup_by_table
+from monolith_py.modules._dedup import dedup_by_table, example_major
 from monolith_py.modules._pooling import pool_unique_rows
 from monolith_py.table.backend import LocalBackend, SparseBackend
 
@@ -48,12 +48,11 @@ class _Layout:
     """Everything about a KJT key order that can be computed once and cached."""
 
     seg_table: np.ndarray  # int64 [F_kjt]: dedup-order table index of each KJT key
-    groups: tuple[tuple[int, ...], ...]  # per dim group: KJT key positions, KJT order
-    # per config feature: (group index, position inside that group's pooled output)
-    feature_src: tuple[tuple[int, int], ...]
-    group_perm: tuple[torch.Tensor | None, ...]  # per group: reorder to config order
-    mean_mask: torch.Tensor | None  # bool [F_kjt]: KJT keys pooled by mean
-    single: bool  # one dim group covering every key in config order or permuted
+    members: tuple[np.ndarray, ...]  # per dim group: KJT positions of its features, config order
+    mean: np.ndarray  # bool [F_kjt]: KJT keys pooled by mean
+    # per config feature: (group, index among the group's features); None when there is one
+    # group (its output already is the module's output)
+    feature_src: tuple[tuple[int, int], ...] | None
 
 
 @dataclass
@@ -239,19 +238,20 @@ class DynamicEmbeddingBagCollection(nn.Module):
             raise InvalidInputError(f"KJT values must be 1-D, got shape {tuple(values.shape)}")
         if kjt.variable_stride_per_key():
             raise InvalidInputError("KJTs with a variable batch size per feature are not supported")
-        lengths = kjt.lengths()
+        lengths_t = kjt.lengths()
         b = kjt.stride()
-        if lengths.numel() != len(keys) * b:
+        if lengths_t.numel() != len(keys) * b:
             raise InvalidInputError(
-                f"KJT lengths has {lengths.numel()} entries, expected {len(keys)} features x "
+                f"KJT lengths has {lengths_t.numel()} entries, expected {len(keys)} features x "
                 f"{b} examples"
             )
-        if lengths.numel():
-            per_key = lengths.view(len(keys), b)
-            if int(lengths.min()) < 0:
-                bad = [keys[i] for i in (per_key < 0).any(dim=1).nonzero().flatten().tolist()]
-                raise InvalidInputError(f"negative lengths for feature(s) {bad}")
-        total = int(lengths.sum()) if lengths.numel() else 0
+        if lengths_t.is_floating_point() or lengths_t.dtype == torch.bool:
+            raise InvalidTypeError(f"KJT lengths must be integers, got {lengths_t.dtype}")
+        lengths = lengths_t.detach().cpu().numpy().reshape(len(keys), b)
+        if lengths.size and int(lengths.min()) < 0:
+            bad = [keys[i] for i in np.flatnonzero((lengths < 0).any(axis=1))]
+            raise InvalidInputError(f"negative lengths for feature(s) {bad}")
+        total = int(lengths.sum()) if lengths.size else 0
         if total != values.numel():
             raise InvalidInputError(
                 f"KJT lengths of features {keys} sum to {total} but there are "
@@ -268,9 +268,10 @@ class DynamicEmbeddingBagCollection(nn.Module):
                     f"KJT weights must be float with the ids' shape {tuple(values.shape)}, got "
                     f"{w.dtype} {tuple(w.shape)}"
                 )
-            if w.numel() and not bool(torch.isfinite(w).all()):
-                offs = np.cumsum([0, *kjt.length_per_key()])
-                bad_at = (~torch.isfinite(w)).nonzero().flatten()[:1].item()
+            w_np = w.detach().cpu().numpy()
+            if w_np.size and not bool(np.isfinite(w_np).all()):
+                offs = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))])
+                bad_at = int(np.flatnonzero(~np.isfinite(w_np))[0])
                 f_idx = int(np.searchsorted(offs, bad_at, side="right") - 1)
                 raise InvalidInputError(f"KJT weights of feature {keys[f_idx]!r} contain NaN/inf")
 
@@ -280,32 +281,27 @@ class DynamicEmbeddingBagCollection(nn.Module):
         lay = self._layouts.get(keys)
         if lay is not None:
             return lay
-        seg_table = np.array(
-            [self._table_index[self._feature_table[k]] for k in keys], dtype=np.int64
+        pos = {k: i for i, k in enumerate(keys)}
+        group_of = {f: self._table_group[self._feature_table[f]] for f in self._feature_names}
+        members = tuple(
+            np.array([pos[f] for f in self._feature_names if group_of[f] == g], dtype=np.int64)
+            for g in range(len(self._group_dims))
         )
-        groups: list[list[int]] = [[] for _ in self._group_dims]
-        for pos, k in enumerate(keys):
-            groups[self._table_group[self._feature_table[k]]].append(pos)
-        feature_src: list[tuple[int, int]] = []
-        for f in self._feature_names:
-            g = self._table_group[self._feature_table[f]]
-            feature_src.append((g, groups[g].index(keys.index(f))))
-        group_perm: list[torch.Tensor | None] = []
-        for g, members in enumerate(groups):
-            in_cfg = [keys[p] for p in members]
-            cfg_order = [f for f in self._feature_names if self._table_group[self._feature_table[f]] == g]
-            if in_cfg == cfg_order:
-                group_perm.append(None)
-            else:
-                group_perm.append(torch.tensor([in_cfg.index(f) for f in cfg_order]))
-        means = [self._feature_mean[k] for k in keys]
+        feature_src: tuple[tuple[int, int], ...] | None = None
+        if len(self._group_dims) > 1:
+            seen = [0] * len(self._group_dims)
+            src = []
+            for f in self._feature_names:
+                src.append((group_of[f], seen[group_of[f]]))
+                seen[group_of[f]] += 1
+            feature_src = tuple(src)
         lay = _Layout(
-            seg_table=seg_table,
-            groups=tuple(tuple(m) for m in groups),
-            feature_src=tuple(feature_src),
-            group_perm=tuple(group_perm),
-            mean_mask=torch.tensor(means, dtype=torch.bool) if any(means) else None,
-            single=len(self._group_dims) == 1,
+            seg_table=np.array(
+                [self._table_index[self._feature_table[k]] for k in keys], dtype=np.int64
+            ),
+            members=members,
+            mean=np.array([self._feature_mean[k] for k in keys], dtype=np.bool_),
+            feature_src=feature_src,
         )
         self._layouts[keys] = lay
         return lay
@@ -318,13 +314,15 @@ class DynamicEmbeddingBagCollection(nn.Module):
         b = features.stride()
         train = self.training and torch.is_grad_enabled()
         lay = self._layout(keys)
-        if b == 0 or features.values().numel() == 0:
+        values = features.values()
+        if b == 0 or values.numel() == 0:
             return self._zeros(b)
 
-        values = features.values()
-        length_per_key = features.length_per_key()
+        # Bookkeeping in numpy: small torch ops pay for OpenMP regions on a busy machine.
+        lengths = features.lengths().detach().cpu().numpy().astype(np.int64, copy=False)
+        lengths = lengths.reshape(len(keys), b)
         seg_offsets = np.zeros(len(keys) + 1, dtype=np.int64)
-        np.cumsum(length_per_key, out=seg_offsets[1:])
+        np.cumsum(lengths.sum(axis=1), out=seg_offsets[1:])
         uniq, inverse, table_offsets = dedup_by_table(
             values, seg_offsets, lay.seg_table, len(self._dedup_tables)
         )
@@ -335,11 +333,15 @@ class DynamicEmbeddingBagCollection(nn.Module):
                 request[name] = uniq[lo:hi]
         rows = self._backend.lookup(request, train=train)
 
-        # Gather each dim group's unique rows into one leaf [U_g, d_g].
+        weights = None
+        if self._is_weighted:
+            weights = features.weights().detach().cpu().numpy().astype(np.float32, copy=False)
+        inv_np = inverse.numpy()
         leaves: list[torch.Tensor] = []
-        group_base: list[int] = []
         slices: dict[str, tuple[int, int, int]] = {}
+        outs: list[torch.Tensor] = []
         for g, d in enumerate(self._group_dims):
+            # this width's unique rows, table after table, as one autograd leaf [U_g, d]
             parts: list[torch.Tensor] = []
             start = 0
             base = -1
@@ -353,53 +355,27 @@ class DynamicEmbeddingBagCollection(nn.Module):
                     slices[name] = (g, start, start + r.shape[0])
                     start += r.shape[0]
                     parts.append(r)
-            group_base.append(max(base, 0))
-            if not parts:
-                leaf = torch.zeros(0, d, device=self._device)
-            elif len(parts) == 1:
-                leaf = parts[0].detach().to(self._device, torch.float32)
-            else:
-                leaf = torch.cat(parts).detach().to(self._device, torch.float32)
+            leaf = _concat_rows(parts, d, self._device)
             if train:
                 leaf.requires_grad_(True)
             leaves.append(leaf)
-
-        lengths = features.lengths()
-        psw = self._sample_weights(features, lay, lengths)
-        inverse = inverse.to(self._device)
-        if lay.single:
-            offsets = _offsets(lengths).to(self._device)
-            pooled = pool_unique_rows(leaves[0], inverse, offsets, psw).view(
-                len(keys), b, self._group_dims[0]
+            idx, offsets, psw = example_major(
+                inv_np, lengths, lay.members[g], lay.mean, weights, max(base, 0)
             )
-            perm = lay.group_perm[0]
-            if perm is not None:
-                pooled = pooled.index_select(0, perm.to(self._device))
-            out = pooled.transpose(0, 1).reshape(b, -1)
+            dev = self._device
+            pooled = pool_unique_rows(
+                leaf, idx.to(dev), offsets.to(dev), None if psw is None else psw.to(dev)
+            )
+            outs.append(pooled.view(b, -1))  # [B, F_g * d]: example-major bags
+
+        if lay.feature_src is None:
+            out = outs[0]
         else:
-            per_group: list[torch.Tensor] = []
-            lpk = lengths.view(len(keys), b)
-            for g, members in enumerate(lay.groups):
-                if not members:
-                    per_group.append(torch.zeros(0, b, self._group_dims[g], device=self._device))
-                    continue
-                idx = torch.cat([inverse[seg_offsets[p]:seg_offsets[p + 1]] for p in members])
-                idx = idx - group_base[g]
-                w = None
-                if psw is not None:
-                    w = torch.cat([psw[seg_offsets[p]:seg_offsets[p + 1]] for p in members])
-                offs = _offsets(lpk[list(members)].reshape(-1)).to(self._device)
-                per_group.append(
-                    pool_unique_rows(leaves[g], idx, offs, w).view(
-                        len(members), b, self._group_dims[g]
-                    )
-                )
-            out = torch.cat([per_group[g][i] for g, i in lay.feature_src], dim=1)
+            per_feature = [outs[g].view(b, -1, self._group_dims[g]) for g in range(len(outs))]
+            out = torch.cat([per_feature[g][:, i] for g, i in lay.feature_src], dim=1)
 
         if train:
-            self._pending.append(
-                _Pending(keys=request, leaves=leaves, slices=slices)
-            )
+            self._pending.append(_Pending(keys=request, leaves=leaves, slices=slices))
         return KeyedTensor(
             keys=list(self._feature_names),
             length_per_key=list(self._length_per_key),
@@ -412,20 +388,6 @@ class DynamicEmbeddingBagCollection(nn.Module):
             length_per_key=list(self._length_per_key),
             values=torch.zeros(b, self.output_dim, device=self._device),
         )
-
-    def _sample_weights(
-        self, kjt: KeyedJaggedTensor, lay: _Layout, lengths: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Per-id multipliers: KJT weights (when weighted) times ``1/len(bag)`` for
-        mean-pooled features; ``None`` when every multiplier would be 1."""
-        w = kjt.weights().to(torch.float32) if self._is_weighted else None
-        if lay.mean_mask is not None:
-            b = kjt.stride()
-            per_bag = 1.0 / lengths.clamp(min=1).to(torch.float32)
-            per_bag = torch.where(lay.mean_mask.repeat_interleave(b), per_bag, 1.0)
-            scale = per_bag.repeat_interleave(lengths)
-            w = scale if w is None else w * scale
-        return None if w is None else w.to(self._device)
 
     # -- sparse update ---------------------------------------------------------------------
 
@@ -477,9 +439,12 @@ class DynamicEmbeddingBagCollection(nn.Module):
         return ", ".join(parts)
 
 
-def _offsets(lengths: torch.Tensor) -> torch.Tensor:
-    """``[n]`` lengths -> ``[n + 1]`` offsets starting at 0."""
-    out = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
-    torch.cumsum(lengths.to(torch.int64), dim=0, out=out[1:])
-    return out
-
+def _concat_rows(parts: list[torch.Tensor], dim: int, device: torch.device) -> torch.Tensor:
+    """Rows of several tables as one new float32 ``[sum n, dim]`` tensor on ``device``."""
+    if not parts:
+        return torch.zeros(0, dim, device=device)
+    if all(p.device.type == "cpu" for p in parts) and device.type == "cpu":
+        # numpy's copy is single-threaded: no OpenMP stall on a busy machine
+        arrays = [p.detach().numpy().astype(np.float32, copy=False) for p in parts]
+        return torch.from_numpy(np.concatenate(arrays) if len(arrays) > 1 else arrays[0].copy())
+    return torch.cat([p.detach().to(device, torch.float32) for p in parts])
