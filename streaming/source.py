@@ -52,20 +52,16 @@ from typing import TYPE_CHECKING, Any
 from monolith_py.errors import ConfigError, DecodeError, UnavailableError
 from streaming.codec import DEFAULT_LIMITS, CodecLimits, decode_columns
 from streaming.columns import ExampleColumns, concat_columns, to_batch
+from streaming.deadletter import DLQ_HEADERS, DeadLetterWriter
 from streaming.topics import assign_partitions, partitions_for
 
 if TYPE_CHECKING:
     from monolith_py.batch import Batch
-    from streaming.sink import KafkaSink
 
 __all__ = ["SourceOptions", "KafkaExampleSource", "DLQ_HEADERS"]
 
 log = logging.getLogger(__name__)
 
-DLQ_HEADERS = ("monolith-source-topic", "monolith-source-partition", "monolith-source-offset",
-               "monolith-error")
-"""Headers of a dead-letter message: source topic, partition, offset (ASCII decimal)
-and the reason (UTF-8)."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +163,7 @@ class KafkaExampleSource:
         self._clock = clock
         self._consumer: Any = None
         self._tps: dict[int, Any] = {}
-        self._dlq: KafkaSink | None = None
+        self._dlq: DeadLetterWriter | None = None
         self._next: dict[int, int] = {}
         self._restored: dict[int, int] = {}
         # polled, not yet yielded: (partition, offset, columns or None for a skipped one)
@@ -223,13 +219,9 @@ class KafkaExampleSource:
             self._next[p] = int(self._restored.get(p, starts[tp]))
             self._consumer.seek(tp, self._next[p])
         if self.dead_letter_topic:
-            from streaming.sink import KafkaSink
-            from streaming.topics import ensure_topic
-
-            ensure_topic(self.bootstrap_servers, self.dead_letter_topic, 1,
-                         timeout_s=o.topic_wait_s)
-            self._dlq = KafkaSink(self.bootstrap_servers, self.dead_letter_topic,
-                                  client_id=f"monolith-dlq-{self.rank}")
+            self._dlq = DeadLetterWriter(self.bootstrap_servers, self.dead_letter_topic,
+                                         client_id=f"monolith-dlq-{self.rank}",
+                                         timeout_s=o.request_timeout_s)
         log.info("source rank %d/%d reads %s partitions %s from %s", self.rank,
                  self.world_size, self.topic, mine, self._next)
         return self
@@ -458,16 +450,6 @@ class KafkaExampleSource:
         counter("monolith_stream_dead_letters_total", "Undecodable messages skipped.",
                 ["topic"]).labels(topic=self.topic).inc()
         log.warning("dead-lettering %s[%d]@%d: %s", self.topic, p, msg.offset, reason)
-        if self._dlq is None:
-            return
-        headers = list(zip(DLQ_HEADERS, (self.topic.encode(), str(p).encode(),
-                                         str(msg.offset).encode(),
-                                         reason[:2000].encode("utf-8", "replace"))))
-        try:
-            self._dlq.send(value, key=msg.key if msg.key is not None else None,
-                           partition=0, headers=headers)
-            self._dlq.flush(timeout_s=self.options.request_timeout_s)
-        except UnavailableError as exc:
+        if self._dlq is not None and not self._dlq.write(
+                value, msg.key, self.topic, p, msg.offset, reason):
             self.counters["dead_letter_failures"] += 1
-            log.error("could not write %s[%d]@%d to the dead-letter topic: %s", self.topic,
-                      p, msg.offset, exc)
