@@ -347,6 +347,31 @@ class JoinState:
             self.counters["orphan_actions"] += 1
         return out
 
+    def mark_emitted(self, request_ids: np.ndarray, times: np.ndarray,
+                     labels: np.ndarray) -> int:
+        """Record requests as already emitted (e.g. found in the output topic after a
+        restore): they leave the pending set and will never be emitted again. Returns
+        how many were still pending."""
+        touched: set[int] = set()
+        found = 0
+        for r, t, y in zip(np.asarray(request_ids, np.int64).tolist(),
+                           np.asarray(times, np.int64).tolist(),
+                           np.asarray(labels, np.float32).tolist()):
+            loc = self._where.pop(r, None)
+            if loc is not None:
+                self._chunks[loc[0]].open[loc[1]] = False
+                touched.add(loc[0])
+                found += 1
+            self._early.pop(r, None)
+            self._remember(r, t, _POSITIVE if y > 0 else _NEGATIVE)
+        for seq in touched:
+            chunk = self._chunks[seq]
+            chunk.refresh()
+            if chunk.n_open == 0:
+                self._rows -= len(chunk.cols)
+                del self._chunks[seq]
+        return found
+
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Pending impressions (as example-codec messages, uint8 arrays), remembered ids,

@@ -58,7 +58,7 @@ from streaming.topics import assign_partitions, partitions_for
 if TYPE_CHECKING:
     from monolith_py.batch import Batch
 
-__all__ = ["SourceOptions", "KafkaExampleSource", "DLQ_HEADERS"]
+__all__ = ["SourceOptions", "KafkaExampleSource", "DLQ_HEADERS", "consumer_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,26 @@ class SourceOptions:
                               f"poll_timeout_s ({self.poll_timeout_s})")
         if self.max_outage_s is not None and self.max_outage_s <= 0:
             raise ConfigError(f"max_outage_s must be > 0 or None, got {self.max_outage_s}")
+
+
+def consumer_settings(o: SourceOptions) -> dict[str, Any]:
+    """kafka-python consumer settings for ``o``: no group management, no auto-commit,
+    fetch sizes for MB-sized messages (shared by the source and the joiner)."""
+    return dict(
+        group_id=o.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_bytes=o.fetch_max_bytes,
+        max_partition_fetch_bytes=o.max_partition_fetch_bytes,
+        receive_message_max_bytes=max(o.fetch_max_bytes + (1 << 20), 100_000_000),
+        max_poll_records=o.max_poll_records,
+        receive_buffer_bytes=o.receive_buffer_bytes,
+        fetch_max_wait_ms=int(min(o.poll_timeout_s, 0.5) * 1000),
+        request_timeout_ms=int(o.request_timeout_s * 1000),
+        retry_backoff_ms=int(o.backoff_initial_s * 1000),
+        reconnect_backoff_max_ms=int(o.backoff_max_s * 1000),
+        check_crcs=True,
+    )
 
 
 class KafkaExampleSource:
@@ -194,20 +214,8 @@ class KafkaExampleSource:
         mine = assign_partitions(list(range(count)), self.rank, self.world_size)
         self._consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap_servers,
-            group_id=o.group_id,
             client_id=f"monolith-source-{self.rank}",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_bytes=o.fetch_max_bytes,
-            max_partition_fetch_bytes=o.max_partition_fetch_bytes,
-            receive_message_max_bytes=max(o.fetch_max_bytes + (1 << 20), 100_000_000),
-            max_poll_records=o.max_poll_records,
-            receive_buffer_bytes=o.receive_buffer_bytes,
-            fetch_max_wait_ms=int(min(o.poll_timeout_s, 0.5) * 1000),
-            request_timeout_ms=int(o.request_timeout_s * 1000),
-            retry_backoff_ms=int(o.backoff_initial_s * 1000),
-            reconnect_backoff_max_ms=int(o.backoff_max_s * 1000),
-            check_crcs=True,
+            **consumer_settings(o),
         )
         self._tps = {p: TopicPartition(self.topic, p) for p in mine}
         self._consumer.assign(list(self._tps.values()))
