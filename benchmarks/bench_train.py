@@ -27,7 +27,8 @@ def register(subparsers: Any) -> None:
         "train", help="training step: our embedding module vs TorchRec FusedEBC (same model)"
     )
     p.add_argument("--steps", type=int, default=12, help="timed steps per side (default 12)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="untimed steps first (default 20: the tables fill up, as in a running job)")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--features", type=int, default=26)
     p.add_argument("--num-dense", type=int, default=13)
@@ -35,6 +36,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ids", type=int, default=1_000_000, help="id space per feature")
     p.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the ids")
     p.add_argument("--lr", type=float, default=0.05, help="row-wise Adagrad learning rate")
+    p.add_argument("--initial-capacity", type=int, default=1 << 16,
+                   help="rows our tables allocate up front (they grow past it; TorchRec's hold "
+                        "all --ids rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torchrec", action="store_true", help="skip the TorchRec anchor")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -89,6 +93,7 @@ def _model(embedding: Any, args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import logging
     import statistics
     import time
 
@@ -109,6 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         TableConfig(
             name=f"t{i}", dim=args.dim, feature_names=(names[i],),
             optimizer=_rowwise_adagrad(args.lr), seed=args.seed,
+            initial_capacity=args.initial_capacity,
         )
         for i in range(args.features)
     ]
@@ -123,12 +129,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from torchrec.modules.embedding_configs import EmbeddingBagConfig
         from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
-        fused = FusedEmbeddingBagCollection(
-            [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=args.ids,
-                                feature_names=[names[i]]) for i in range(args.features)],
-            optimizer_type=trec_optim.RowWiseAdagrad,
-            optimizer_kwargs={"lr": args.lr},
-        )
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.WARNING)  # fbgemm logs its whole config at INFO on the root logger
+        try:
+            fused = FusedEmbeddingBagCollection(
+                [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=args.ids,
+                                    feature_names=[names[i]]) for i in range(args.features)],
+                optimizer_type=trec_optim.RowWiseAdagrad,
+                optimizer_kwargs={"lr": args.lr},
+            )
+        finally:
+            root.setLevel(level)
         trec = _model(fused, args)
         trec_opt = torch.optim.Adagrad(trec.parameters(), lr=0.01)
 
@@ -164,6 +176,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_dense: list[float] = []
     t_fwd: list[float] = []
     uniques: list[int] = []
+    new_ids: list[int] = []
+    prev_rows = 0
+
+    def table_rows() -> int:
+        return sum(int(s.get("size", 0)) for s in ours_ebc.sparse_stats().values())
+
     for i, (kjt, dense, labels) in enumerate(data):
         now = 1_700_000_000 + i
         t0 = time.perf_counter()
@@ -186,11 +204,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t_fwd.append(t4 - t3)
             v = kjt.values().view(args.features, -1)
             uniques.append(sum(int(torch.unique(v[f]).numel()) for f in range(args.features)))
+        rows_now = table_rows()
+        if i >= warmup:
+            new_ids.append(rows_now - prev_rows)
+        prev_rows = rows_now
 
     ms = 1000.0
     ours_ms = statistics.median(t_ours) * ms
     dense_ms = statistics.median(t_dense) * ms
-    rows = sum(int(s.get("size", 0)) for s in ours_ebc.sparse_stats().values())
+    rows = table_rows()
     out: dict[str, Any] = {
         "ours_step_ms": round(ours_ms, 2),
         "torchrec_ebc_step_ms": None,
@@ -207,6 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dim": args.dim,
         "ids_per_step": args.batch_size * args.features,
         "unique_ids_per_step": int(np.median(uniques)),
+        "new_ids_per_step": int(np.median(new_ids)),
         "rows_after": rows,
         "steps": steps,
         "warmup": warmup,
