@@ -4,8 +4,9 @@ strategies under the same model, optimizer family, learning rates and seeds.
 * ``collisionless`` -- ours: :class:`DynamicEmbeddingBagCollection`, one growing table per
   feature, every id its own row.
 * ``hashed`` -- TorchRec ``EmbeddingBagCollection`` with the hashing trick: ids modulo
-  ``--hashed-rows`` rows per table (``collision_rate_hashed``: the share of distinct ids
-  that share their row with another id).
+  ``--hashed-rows`` rows per table, by default as many rows as ours used for that table
+  (the same memory; ``collision_rate_hashed``: the share of distinct ids that share their
+  row with another id).
 * ``mch`` -- TorchRec ``ManagedCollisionEmbeddingBagCollection``
   (``MCHManagedCollisionModule``, LFU eviction) whose ``zch_size`` per table is the number
   of rows ours ended up using (the same row budget); ids without a slot share the module's
@@ -34,7 +35,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lr", type=float, default=0.05, help="Adagrad lr of embedding rows")
     p.add_argument("--dense-lr", type=float, default=0.01, help="Adagrad lr of dense layers")
     p.add_argument("--init-scale", type=float, default=0.05)
-    p.add_argument("--hashed-rows", type=int, default=1000, help="rows per table, hashed variant")
+    p.add_argument("--hashed-rows", type=int, default=0,
+                   help="rows per table of the hashed variant (0: the rows ours used for that "
+                        "table -- the same memory for all three)")
     p.add_argument("--mch-eviction-interval", type=int, default=1,
                    help="batches between MCH eviction rounds (1 = its most favourable setting)")
     p.add_argument("--model", choices=("dlrm", "deepfm"), default="dlrm")
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # -- hashing trick ------------------------------------------------------------------------
     seen = {f: np.unique(replay.features[f].values[: replay.features[f].offsets[n_ex]])
             for f in names}
-    hashed_rows = {f: int(args.hashed_rows) for f in names}
+    hashed_rows = {f: int(args.hashed_rows) or max(1, ours_rows.get(f, 1)) for f in names}
     distinct = sum(int(v.size) for v in seen.values())
     shared = 0
     buckets = 0
@@ -204,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         auc_hashed=round(hashed["auc"], 5),
         auc_mch=round(mch["auc"], 5),
         rows_used={"collisionless": sum(ours_rows.values()), "hashed": buckets, "mch": mch_used},
-        hashed_rows=int(args.hashed_rows),
+        hashed_rows=hashed_rows,
         hashed_rows_total=sum(hashed_rows.values()),
         collision_rate_hashed=round(shared / max(distinct, 1), 5),
         mch_zch_size_total=sum(budget.values()),
