@@ -1,7 +1,9 @@
 """Row arena (private): rows, optimizer slots and per-row metadata in parallel arrays.
 
 Rows are addressed by index; freed rows go on a free stack and are reused first. The
-arrays grow (by doubling) when the free stack runs dry.
+arrays grow (by doubling) when the free stack runs dry. Row ``r``'s metadata is one
+32-byte record ``meta[r] = (key, last_update, update_count, version)`` so an update
+touches one cache line of metadata.
 """
 
 from __future__ import annotations
@@ -9,16 +11,28 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from monolith_py.table._kernels import EMPTY
+from monolith_py.table._arrays import aligned_array
+from monolith_py.table._kernels import EMPTY, prefetch_row
 
 __all__: list[str] = []  # private module
+
+KEY, LAST, COUNT, VERSION = 0, 1, 2, 3
+_PF = 8
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype: type, fill: float | int = 0) -> np.ndarray:
+    """A 64-byte aligned array filled with ``fill`` (huge pages when large)."""
+    return aligned_array(shape, dtype, fill)
 
 
 @njit(cache=True)
 def gather_rows(weights, rows, out):  # type: ignore[no-untyped-def]
     """out[i] = weights[rows[i]], zeros where rows[i] < 0."""
     dim = weights.shape[1]
-    for i in range(rows.shape[0]):
+    n = rows.shape[0]
+    for i in range(n):
+        if i + _PF < n and rows[i + _PF] >= 0:
+            prefetch_row(weights, rows[i + _PF])
         r = rows[i]
         if r >= 0:
             for j in range(dim):
@@ -33,12 +47,13 @@ def sum_by_row(rows, grads, mark, urows, gsum):  # type: ignore[no-untyped-def]
     """Sum the gradients of repeated rows, skipping rows < 0.
 
     Writes the unique rows to ``urows[:u]`` (first-occurrence order) and their summed
-    gradients to ``gsum[:u]``; returns ``u``. ``mark`` (one int64 per arena row, all -1)
+    gradients to ``gsum[:u]``; returns ``u``. ``mark`` (int32, one per arena row, all -1)
     is restored to -1 before returning.
     """
     dim = grads.shape[1]
     u = 0
-    for i in range(rows.shape[0]):
+    n = rows.shape[0]
+    for i in range(n):
         r = rows[i]
         if r < 0:
             continue
@@ -58,27 +73,41 @@ def sum_by_row(rows, grads, mark, urows, gsum):  # type: ignore[no-untyped-def]
 
 
 class RowArena:
-    """Parallel per-row arrays: ``weights [cap, dim]``, one array per optimizer slot, and
-    metadata ``key``, ``last_update``, ``update_count``, ``version`` (int64 ``[cap]``).
-    ``key[r] == EMPTY`` marks a free row."""
+    """Parallel per-row arrays: ``weights [cap, dim]`` float32, one array per optimizer slot
+    (``[cap, width]`` float32) and ``meta [cap, 4]`` int64 (``key`` is ``EMPTY`` on free
+    rows)."""
 
     def __init__(self, dim: int, slot_specs: dict[str, tuple[int, float]], capacity: int) -> None:
         self.dim = dim
         self.slot_specs = dict(slot_specs)
         self.capacity = 0
-        self.weights = np.zeros((0, dim), dtype=np.float32)
+        self.weights = aligned_zeros((0, dim), np.float32)
         self.slots: dict[str, np.ndarray] = {
-            name: np.zeros((0, width), dtype=np.float32) for name, (width, _) in slot_specs.items()
+            name: aligned_zeros((0, width), np.float32) for name, (width, _) in slot_specs.items()
         }
-        self.key = np.zeros(0, dtype=np.int64)
-        self.last_update = np.zeros(0, dtype=np.int64)
-        self.update_count = np.zeros(0, dtype=np.int64)
-        self.version = np.zeros(0, dtype=np.int64)
-        self.mark = np.zeros(0, dtype=np.int64)
+        self.meta = aligned_zeros((0, 4), np.int64)
+        self.mark = np.zeros(0, dtype=np.int32)
         self._free = np.zeros(0, dtype=np.int64)  # stack; top is the end
         self._nfree = 0
         self.high_water = 0  # rows [0, high_water) have ever been used
         self._grow_to(max(1, int(capacity)))
+
+    # column views of meta
+    @property
+    def key(self) -> np.ndarray:
+        return self.meta[:, KEY]
+
+    @property
+    def last_update(self) -> np.ndarray:
+        return self.meta[:, LAST]
+
+    @property
+    def update_count(self) -> np.ndarray:
+        return self.meta[:, COUNT]
+
+    @property
+    def version(self) -> np.ndarray:
+        return self.meta[:, VERSION]
 
     @property
     def live(self) -> int:
@@ -86,26 +115,25 @@ class RowArena:
 
     @property
     def memory_bytes(self) -> int:
-        arrays = [self.weights, self.key, self.last_update, self.update_count, self.version,
-                  self.mark, self._free, *self.slots.values()]
+        arrays = [self.weights, self.meta, self.mark, self._free, *self.slots.values()]
         return int(sum(a.nbytes for a in arrays))
 
     def _grow_to(self, cap: int) -> None:
         old = self.capacity
 
         def extend(a: np.ndarray, fill: float | int) -> np.ndarray:
-            out = np.empty((cap, *a.shape[1:]), dtype=a.dtype)
+            out = aligned_zeros((cap, *a.shape[1:]), a.dtype.type, fill)
             out[:old] = a[:old]
-            out[old:] = fill
             return out
 
         self.weights = extend(self.weights, 0.0)
         self.slots = {n: extend(a, self.slot_specs[n][1]) for n, a in self.slots.items()}
-        self.key = extend(self.key, EMPTY)
-        self.last_update = extend(self.last_update, 0)
-        self.update_count = extend(self.update_count, 0)
-        self.version = extend(self.version, 0)
-        self.mark = extend(self.mark, -1)
+        meta = extend(self.meta, 0)
+        meta[old:, KEY] = EMPTY
+        self.meta = meta
+        mark = np.full(cap, -1, dtype=np.int32)
+        mark[:old] = self.mark[:old]
+        self.mark = mark
         free = np.empty(cap, dtype=np.int64)
         free[: self._nfree] = self._free[: self._nfree]
         self._free = free
@@ -130,10 +158,10 @@ class RowArena:
 
     def free(self, rows: np.ndarray) -> None:
         """Return rows to the free stack (their key becomes EMPTY)."""
-        self.key[rows] = EMPTY
+        self.meta[rows, KEY] = EMPTY
         self._free[self._nfree : self._nfree + rows.shape[0]] = rows
         self._nfree += rows.shape[0]
 
     def live_rows(self) -> np.ndarray:
         """Indices of rows in use."""
-        return np.flatnonzero(self.key[: self.high_water] != EMPTY)
+        return np.flatnonzero(self.meta[: self.high_water, KEY] != EMPTY)

@@ -99,12 +99,19 @@ def as_float_rows(x: Any, n: int, dim: int, name: str) -> np.ndarray:
 
 
 def aligned_empty(words: int) -> np.ndarray:
-    """An uninitialized int64 array of ``words`` entries whose data is 64-byte aligned.
+    """An uninitialized int64 array of ``words`` entries (see :func:`aligned_array`)."""
+    return aligned_array((words,), np.int64)
+
+
+def aligned_array(shape: tuple[int, ...], dtype: Any, fill: Any = None) -> np.ndarray:
+    """A C-contiguous array whose data starts on a 64-byte boundary (``fill``: optional).
 
     Large arrays get their own anonymous mapping advised for transparent huge pages, which
-    makes first-touch page faults and TLB misses of the random probes much cheaper.
+    makes first-touch page faults and the TLB misses of random row accesses much cheaper.
     """
-    nbytes = words * 8
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    nbytes = count * dt.itemsize
     if nbytes >= _HUGE:
         mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mm, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
@@ -112,7 +119,13 @@ def aligned_empty(words: int) -> np.ndarray:
                 mm.madvise(mmap.MADV_HUGEPAGE)
             except OSError:  # pragma: no cover - kernel without THP
                 pass
-        return np.frombuffer(mm, dtype=np.int64)
-    raw = np.empty(words + 8, dtype=np.int64)
-    off = (-raw.ctypes.data % 64) // 8
-    return raw[off : off + words]
+        out = np.frombuffer(mm, dtype=dt, count=count).reshape(shape)
+        if fill is not None and fill != 0:  # fresh anonymous pages are already zero
+            out[...] = fill
+        return out
+    raw = np.empty(nbytes + 64, dtype=np.uint8)
+    off = (-raw.ctypes.data) % 64
+    out = raw[off : off + nbytes].view(dt).reshape(shape)
+    if fill is not None:
+        out[...] = fill
+    return out

@@ -39,6 +39,16 @@ _S31 = np.uint64(31)
 _S32 = np.uint64(32)
 
 
+def _emit_prefetch(builder, ptr, write):  # type: ignore[no-untyped-def]
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    args = [builder.bitcast(ptr, i8p), ir.Constant(i32, write), ir.Constant(i32, 3),
+            ir.Constant(i32, 1)]
+    builder.call(fn, args)
+
+
 @intrinsic
 def _prefetch(typingctx, arr, idx):  # type: ignore[no-untyped-def]
     """Hint the CPU to load ``arr[idx]`` into cache (no effect on results)."""
@@ -48,10 +58,25 @@ def _prefetch(typingctx, arr, idx):  # type: ignore[no-untyped-def]
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
         ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        _emit_prefetch(builder, ptr, write=0)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch_row(typingctx, arr, row):  # type: ignore[no-untyped-def]
+    """Hint the CPU to load the start of row ``row`` of the 2-D array ``arr``."""
+    sig = types.void(arr, row)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        aryty, rowty = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        zero = context.get_constant(rowty, 0)
+        ptr = cgutils.get_item_pointer(
+            context, builder, aryty, ary, [args[1], zero], wraparound=False
+        )
+        _emit_prefetch(builder, ptr, write=1)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -99,6 +124,15 @@ def _free_slot(tab, base):  # type: ignore[no-untyped-def]
         if tab[base + s] == EMPTY:
             return s
     return -1
+
+
+@njit(inline="always")
+def _free_count(tab, base):  # type: ignore[no-untyped-def]
+    c = 0
+    for s in range(SLOTS):
+        if tab[base + s] == EMPTY:
+            c += 1
+    return c
 
 
 @njit(inline="always")
@@ -176,13 +210,29 @@ def _bfs_place(tab, nb, salt, b1, b2, k, v, queue):  # type: ignore[no-untyped-d
     qs[1] = -1
     head = 0
     tail = 2
+    alts = queue[3]
+    # compute and prefetch the alternative buckets of both roots' keys at once
+    for q in range(2):
+        base = qb[q] * WIDTH
+        for s in range(SLOTS):
+            c1, c2 = bucket_pair(tab[base + s], nb, salt)
+            alt = c2 if c1 == qb[q] else c1
+            alts[q * SLOTS + s] = alt
+            _prefetch(tab, alt * WIDTH)
     while head < tail:
         b = qb[head]
         base = b * WIDTH
+        if head >= 2:
+            for s in range(SLOTS):
+                c1, c2 = bucket_pair(tab[base + s], nb, salt)
+                alt = c2 if c1 == b else c1
+                alts[s] = alt
+                _prefetch(tab, alt * WIDTH)
+            off = 0
+        else:
+            off = head * SLOTS
         for s in range(SLOTS):
-            x = tab[base + s]
-            c1, c2 = bucket_pair(x, nb, salt)
-            alt = c2 if c1 == b else c1
+            alt = alts[off + s]
             e = _free_slot(tab, alt * WIDTH)
             if e >= 0:
                 # Found: shift every key of the path one step, from the end backwards.
@@ -218,16 +268,17 @@ def _bfs_place(tab, nb, salt, b1, b2, k, v, queue):  # type: ignore[no-untyped-d
 def _place_new(tab, nb, salt, k, v, queue):  # type: ignore[no-untyped-def]
     """Insert a key known to be absent; False when it does not fit."""
     b1, b2 = bucket_pair(k, nb, salt)
-    base = b1 * WIDTH
+    # the emptier of the two buckets (ties: the first) keeps buckets balanced, which
+    # postpones the need for displacements to much higher loads
+    f1 = _free_count(tab, b1 * WIDTH)
+    f2 = _free_count(tab, b2 * WIDTH)
+    if f1 == 0 and f2 == 0:
+        return _bfs_place(tab, nb, salt, b1, b2, k, v, queue)
+    base = b1 * WIDTH if f1 >= f2 else b2 * WIDTH
     e = _free_slot(tab, base)
-    if e < 0:
-        base = b2 * WIDTH
-        e = _free_slot(tab, base)
-    if e >= 0:
-        tab[base + e] = k
-        tab[base + e + SLOTS] = v
-        return True
-    return _bfs_place(tab, nb, salt, b1, b2, k, v, queue)
+    tab[base + e] = k
+    tab[base + e + SLOTS] = v
+    return True
 
 
 @njit(cache=True)
@@ -336,3 +387,70 @@ def bucket_pairs(keys, num_buckets, salt, out):  # type: ignore[no-untyped-def]
         b1, b2 = bucket_pair(keys[i], nb, salt)
         out[i, 0] = b1
         out[i, 1] = b2
+
+
+@njit(cache=True, parallel=True)
+def rehash_stream(old, new, salt, obounds, nbounds, dkeys, dvals, dcount):  # type: ignore[no-untyped-def]
+    """Parallel, streaming part of a rehash from ``old`` into the *unfilled* ``new``.
+
+    Part ``p`` owns old buckets ``[obounds[p], obounds[p+1])`` and new buckets
+    ``[nbounds[p], nbounds[p+1])``: it marks its new buckets empty, then moves each key to
+    the new bucket of the same hash choice that placed it (or else its other bucket) when
+    that bucket is its own and has room. Because buckets are a monotone function of the
+    hash, targets are mostly sequential and parts never write outside their range. Keys
+    that do not fit are deferred to ``dkeys[p]``/``dvals[p]``; ``dcount[p]`` is their
+    number, or -1 if the part's deferral buffer overflowed.
+    """
+    nbo = np.uint64(old.shape[0] // WIDTH)
+    nbn = np.uint64(new.shape[0] // WIDTH)
+    parts = obounds.shape[0] - 1
+    cap = dkeys.shape[1]
+    for p in prange(parts):
+        lo = nbounds[p]
+        hi = nbounds[p + 1]
+        for w in range(lo * WIDTH, hi * WIDTH, WIDTH):
+            for s in range(SLOTS):
+                new[w + s] = EMPTY
+        cnt = 0
+        for b in range(obounds[p], obounds[p + 1]):
+            base = b * WIDTH
+            for s in range(SLOTS):
+                k = old[base + s]
+                if k == EMPTY:
+                    continue
+                v = old[base + s + SLOTS]
+                o1, o2 = bucket_pair(k, nbo, salt)
+                n1, n2 = bucket_pair(k, nbn, salt)
+                t1 = n1 if o1 == b else n2
+                t2 = n2 if o1 == b else n1
+                placed = False
+                if lo <= t1 < hi:
+                    e = _free_slot(new, t1 * WIDTH)
+                    if e >= 0:
+                        new[t1 * WIDTH + e] = k
+                        new[t1 * WIDTH + e + SLOTS] = v
+                        placed = True
+                if not placed and lo <= t2 < hi:
+                    e = _free_slot(new, t2 * WIDTH)
+                    if e >= 0:
+                        new[t2 * WIDTH + e] = k
+                        new[t2 * WIDTH + e + SLOTS] = v
+                        placed = True
+                if not placed:
+                    if cnt < cap:
+                        dkeys[p, cnt] = k
+                        dvals[p, cnt] = v
+                    cnt += 1
+        dcount[p] = cnt if cnt <= cap else -1
+
+
+@njit(cache=True)
+def place_deferred(new, salt, dkeys, dvals, dcount, queue):  # type: ignore[no-untyped-def]
+    """Serial end of :func:`rehash_stream`: insert the deferred keys. False if one did
+    not fit."""
+    nb = np.uint64(new.shape[0] // WIDTH)
+    for p in range(dcount.shape[0]):
+        for i in range(dcount[p]):
+            if not _place_new(new, nb, salt, dkeys[p, i], dvals[p, i], queue):
+                return False
+    return True

@@ -27,6 +27,8 @@ __all__ = ["CuckooHashMap"]
 
 _PARALLEL_MIN = 1 << 16  # batches at least this long use every core for find()
 _MIN_BUCKETS = 2
+_STREAM_MIN = 1 << 15  # maps at least this big rehash with the parallel streaming kernel
+_STREAM_PARTS = 16
 
 
 class CuckooHashMap:
@@ -82,7 +84,7 @@ class CuckooHashMap:
         if hash_seed is None:
             hash_seed = secrets.randbits(64)
         self._salt = np.uint64(int(hash_seed) & 0xFFFFFFFFFFFFFFFF)
-        self._queue = np.empty((3, K._QMAX), dtype=np.int64)
+        self._queue = np.empty((4, K._QMAX), dtype=np.int64)
         self._size = 0
         self._tab = self._new_table(self._initial_buckets)
         self.grow_count = 0
@@ -139,12 +141,32 @@ class CuckooHashMap:
 
     def _resize(self, buckets: int) -> None:
         while True:
-            new = self._new_table(buckets)
-            if K.rehash(self._tab, new, self._salt, self._queue):
+            new = self._rehashed(buckets)
+            if new is not None:
                 self._tab = new
                 self.grow_count += 1
                 return
             buckets = int(buckets * 1.1) + 1  # pragma: no cover - no path at low load
+
+    def _rehashed(self, buckets: int) -> np.ndarray | None:
+        """A new table of ``buckets`` holding every key, or None if one did not fit."""
+        old_buckets = self.num_buckets
+        if self._size < _STREAM_MIN:
+            new = self._new_table(buckets)
+            return new if K.rehash(self._tab, new, self._salt, self._queue) else None
+        parts = _STREAM_PARTS
+        obounds = np.array([old_buckets * p // parts for p in range(parts + 1)], dtype=np.int64)
+        nbounds = np.array([buckets * p // parts for p in range(parts + 1)], dtype=np.int64)
+        room = max(1024, self._size // (4 * parts))
+        dkeys = np.empty((parts, room), dtype=np.int64)
+        dvals = np.empty((parts, room), dtype=np.int64)
+        dcount = np.empty(parts, dtype=np.int64)
+        new = aligned_empty(buckets * K.WIDTH)  # rehash_stream marks it empty
+        K.rehash_stream(self._tab, new, self._salt, obounds, nbounds, dkeys, dvals, dcount)
+        if (dcount < 0).any():  # pragma: no cover - needs a pathological key set
+            new = self._new_table(buckets)
+            return new if K.rehash(self._tab, new, self._salt, self._queue) else None
+        return new if K.place_deferred(new, self._salt, dkeys, dvals, dcount, self._queue) else None
 
     def _grow(self, need: int) -> None:
         target = max(int(self.num_buckets * self._growth) + 1, self._buckets_for(need))

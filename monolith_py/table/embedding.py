@@ -20,7 +20,7 @@ from monolith_py.table.config import TableConfig
 from monolith_py.table.cuckoo import CuckooHashMap
 from monolith_py.table.expiry import expired
 from monolith_py.table.init import INIT_KINDS, init_rows
-from monolith_py.table.optim import apply_optimizer, slot_specs
+from monolith_py.table.optim import apply_optimizer, new_scratch, slot_specs
 from monolith_py.table._state import STATE_FORMAT, check_state
 
 __all__ = ["EmbeddingTable"]
@@ -70,6 +70,7 @@ class EmbeddingTable:
         self._device = torch.device(device)
         self._dim = int(config.dim)
         self._specs = slot_specs(config.optimizer, self._dim)
+        self._scratch = new_scratch(config.optimizer)
         self._init_kind = INIT_KINDS[config.initializer]
         self._init_scale = config.resolved_init_scale
         self._filter = (
@@ -204,10 +205,8 @@ class EmbeddingTable:
         urows = urows[:u]
         gsum = gsum[:u]
         self._version += 1
-        a.update_count[urows] += 1
-        apply_optimizer(self._config.optimizer, a.weights, a.slots, a.update_count, urows, gsum)
-        a.last_update[urows] = np.maximum(a.last_update[urows], t)
-        a.version[urows] = self._version
+        apply_optimizer(self._config.optimizer, a.weights, a.slots, a.meta, urows, gsum, t,
+                        self._version, self._scratch)
 
     def evict_expired(self, now: Any) -> torch.Tensor:
         """Delete rows whose last update is more than ``ttl_seconds`` before ``now`` (event

@@ -24,9 +24,10 @@ import math
 import numpy as np
 from numba import njit
 
+from monolith_py.table._kernels import prefetch_row
 from monolith_py.table.config import OptimizerConfig
 
-__all__ = ["slot_specs", "apply_optimizer"]
+__all__ = ["slot_specs", "apply_optimizer", "new_scratch"]
 
 
 def slot_specs(cfg: OptimizerConfig, dim: int) -> dict[str, tuple[int, float]]:
@@ -43,67 +44,126 @@ def slot_specs(cfg: OptimizerConfig, dim: int) -> dict[str, tuple[int, float]]:
     return {"z": (dim, 0.0), "n": (dim, acc)}
 
 
-@njit(cache=True)
-def _sgd(w, rows, g, lr):  # type: ignore[no-untyped-def]
-    dim = w.shape[1]
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        for j in range(dim):
-            w[r, j] = np.float32(w[r, j] - lr * g[i, j])
+_PF = 6  # rows prefetched ahead
 
 
-@njit(cache=True)
-def _adagrad(w, s, rows, g, lr, eps):  # type: ignore[no-untyped-def]
+@njit(inline="always")
+def _touch(meta, r, now, version):  # type: ignore[no-untyped-def]
+    """Per-row metadata of an update: count, last update (event time), version."""
+    meta[r, 2] += 1
+    if meta[r, 1] < now:
+        meta[r, 1] = now
+    meta[r, 3] = version
+
+
+@njit(inline="always")
+def _ahead(rows, i, w, meta):  # type: ignore[no-untyped-def]
+    if i + _PF < rows.shape[0]:
+        r = rows[i + _PF]
+        prefetch_row(w, r)
+        prefetch_row(meta, r)
+        return r
+    return -1
+
+
+@njit(cache=True, error_model="numpy")
+def _sgd(w, meta, rows, g, lr, now, version):  # type: ignore[no-untyped-def]
     dim = w.shape[1]
+    lr32 = np.float32(lr)
     for i in range(rows.shape[0]):
+        _ahead(rows, i, w, meta)
         r = rows[i]
+        _touch(meta, r, now, version)
         for j in range(dim):
-            gj = np.float64(g[i, j])
-            acc = np.float32(s[r, j] + gj * gj)
+            w[r, j] = w[r, j] - lr32 * g[i, j]
+
+
+@njit(cache=True, error_model="numpy")
+def _adagrad(w, s, meta, rows, g, lr, eps, now, version):  # type: ignore[no-untyped-def]
+    dim = w.shape[1]
+    lr32 = np.float32(lr)
+    eps32 = np.float32(eps)
+    for i in range(rows.shape[0]):
+        ra = _ahead(rows, i, w, meta)
+        if ra >= 0:
+            prefetch_row(s, ra)
+        r = rows[i]
+        _touch(meta, r, now, version)
+        for j in range(dim):
+            gj = g[i, j]
+            acc = s[r, j] + gj * gj
             s[r, j] = acc
-            w[r, j] = np.float32(w[r, j] - lr * gj / (math.sqrt(acc) + eps))
+            w[r, j] = w[r, j] - lr32 * (gj / (np.sqrt(acc) + eps32))
 
 
-@njit(cache=True)
-def _rowwise_adagrad(w, s, rows, g, lr, eps):  # type: ignore[no-untyped-def]
+@njit(cache=True, error_model="numpy")
+def _rowwise_adagrad(w, s, meta, rows, g, lr, eps, now, version):  # type: ignore[no-untyped-def]
     dim = w.shape[1]
+    inv_dim = np.float32(1.0 / dim)
+    lr32 = np.float32(lr)
+    eps32 = np.float32(eps)
     for i in range(rows.shape[0]):
+        ra = _ahead(rows, i, w, meta)
+        if ra >= 0:
+            prefetch_row(s, ra)
         r = rows[i]
-        sq = 0.0
+        _touch(meta, r, now, version)
+        sq = np.float32(0.0)
         for j in range(dim):
-            gj = np.float64(g[i, j])
-            sq += gj * gj
-        acc = np.float32(s[r, 0] + sq / dim)
+            sq += g[i, j] * g[i, j]
+        acc = s[r, 0] + sq * inv_dim
         s[r, 0] = acc
-        step = lr / (math.sqrt(acc) + eps)
+        step = lr32 / (np.sqrt(acc) + eps32)
         for j in range(dim):
-            w[r, j] = np.float32(w[r, j] - step * g[i, j])
+            w[r, j] = w[r, j] - step * g[i, j]
 
 
-@njit(cache=True)
-def _adam(w, m, v, steps, rows, g, lr, beta1, beta2, eps):  # type: ignore[no-untyped-def]
+@njit(cache=True, error_model="numpy")
+def _adam(w, m, v, meta, rows, g, lr, beta1, beta2, eps, now, version, bc_t, bc):  # type: ignore[no-untyped-def]
     dim = w.shape[1]
+    log_b1 = math.log(beta1)
+    log_b2 = math.log(beta2)
+    w1 = np.float32(1.0 - beta1)
+    b2 = np.float32(beta2)
+    w2 = np.float32(1.0 - beta2)
+    eps32 = np.float32(eps)
+    mask = bc_t.shape[0] - 1
     for i in range(rows.shape[0]):
+        ra = _ahead(rows, i, w, meta)
+        if ra >= 0:
+            prefetch_row(m, ra)
+            prefetch_row(v, ra)
         r = rows[i]
-        t = steps[r]
-        bc1 = 1.0 - beta1**t
-        bc2_sqrt = math.sqrt(1.0 - beta2**t)
-        step_size = lr / bc1
+        _touch(meta, r, now, version)
+        t = meta[r, 2]
+        # bias corrections depend on the row's step only: a small direct-mapped cache
+        # avoids two exp() per row (few distinct steps per batch)
+        c = t & mask
+        if bc_t[c] != t:
+            bc_t[c] = t
+            bc[c, 0] = lr / (1.0 - math.exp(np.float64(t) * log_b1))
+            bc[c, 1] = math.sqrt(1.0 - math.exp(np.float64(t) * log_b2))
+        step_size = np.float32(bc[c, 0])
+        bc2_sqrt = np.float32(bc[c, 1])
         for j in range(dim):
-            gj = np.float64(g[i, j])
-            mj = np.float32(m[r, j] + (1.0 - beta1) * (gj - m[r, j]))
-            vj = np.float32(beta2 * v[r, j] + (1.0 - beta2) * gj * gj)
+            gj = g[i, j]
+            mj = m[r, j] + w1 * (gj - m[r, j])
+            vj = v[r, j] * b2 + w2 * (gj * gj)
             m[r, j] = mj
             v[r, j] = vj
-            denom = math.sqrt(vj) / bc2_sqrt + eps
-            w[r, j] = np.float32(w[r, j] - step_size * mj / denom)
+            w[r, j] = w[r, j] - step_size * (mj / (np.sqrt(vj) / bc2_sqrt + eps32))
 
 
-@njit(cache=True)
-def _ftrl(w, z, n, rows, g, lr, l1, l2, beta):  # type: ignore[no-untyped-def]
+@njit(cache=True, error_model="numpy")
+def _ftrl(w, z, n, meta, rows, g, lr, l1, l2, beta, now, version):  # type: ignore[no-untyped-def]
     dim = w.shape[1]
     for i in range(rows.shape[0]):
+        ra = _ahead(rows, i, w, meta)
+        if ra >= 0:
+            prefetch_row(z, ra)
+            prefetch_row(n, ra)
         r = rows[i]
+        _touch(meta, r, now, version)
         for j in range(dim):
             gj = np.float64(g[i, j])
             n_old = np.float64(n[r, j])
@@ -119,30 +179,42 @@ def _ftrl(w, z, n, rows, g, lr, l1, l2, beta):  # type: ignore[no-untyped-def]
                 w[r, j] = np.float32(-(zj - sign * l1) / ((beta + math.sqrt(n_new)) / lr + l2))
 
 
+def new_scratch(cfg: OptimizerConfig) -> dict[str, np.ndarray]:
+    """Per-table scratch of the optimizer kernels (not state: rebuilt on load)."""
+    if cfg.kind != "adam":
+        return {}
+    return {"bc_t": np.full(4096, -1, dtype=np.int64), "bc": np.zeros((4096, 2), np.float64)}
+
+
 def apply_optimizer(
     cfg: OptimizerConfig,
     weights: np.ndarray,
     slots: dict[str, np.ndarray],
-    update_count: np.ndarray,
+    meta: np.ndarray,
     rows: np.ndarray,
     grads: np.ndarray,
+    now: int,
+    version: int,
+    scratch: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Update ``weights[rows]`` (and slots) with the summed gradients ``grads`` ``[u, dim]``.
-
-    ``rows`` must be unique; ``update_count[rows]`` must already include this update (it
-    is Adam's step ``t``).
-    """
+    """Update ``weights[rows]`` and their slots with the summed gradients ``grads``
+    ``[u, dim]``, and their metadata ``meta[rows]`` (update count + 1, last update
+    ``max(last, now)``, version). ``rows`` must be unique. ``scratch`` (from
+    :func:`new_scratch`) caches per-step constants across calls."""
     lr = float(cfg.lr)
     kind = cfg.kind
+    t = np.int64(now)
+    v = np.int64(version)
     if kind == "sgd":
-        _sgd(weights, rows, grads, lr)
+        _sgd(weights, meta, rows, grads, lr, t, v)
     elif kind == "adagrad":
-        _adagrad(weights, slots["sum"], rows, grads, lr, cfg.resolved_eps())
+        _adagrad(weights, slots["sum"], meta, rows, grads, lr, cfg.resolved_eps(), t, v)
     elif kind == "rowwise_adagrad":
-        _rowwise_adagrad(weights, slots["sum"], rows, grads, lr, cfg.resolved_eps())
+        _rowwise_adagrad(weights, slots["sum"], meta, rows, grads, lr, cfg.resolved_eps(), t, v)
     elif kind == "adam":
-        _adam(weights, slots["exp_avg"], slots["exp_avg_sq"], update_count, rows, grads, lr,
-              float(cfg.beta1), float(cfg.beta2), cfg.resolved_eps())
+        sc = scratch if scratch is not None else new_scratch(cfg)
+        _adam(weights, slots["exp_avg"], slots["exp_avg_sq"], meta, rows, grads, lr,
+              float(cfg.beta1), float(cfg.beta2), cfg.resolved_eps(), t, v, sc["bc_t"], sc["bc"])
     else:
-        _ftrl(weights, slots["z"], slots["n"], rows, grads, lr, float(cfg.l1), float(cfg.l2),
-              float(cfg.beta))
+        _ftrl(weights, slots["z"], slots["n"], meta, rows, grads, lr, float(cfg.l1),
+              float(cfg.l2), float(cfg.beta), t, v)

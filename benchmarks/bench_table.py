@@ -1,0 +1,185 @@
+"""``monolith bench table``: the cuckoo index against a Python dict and TorchRec's MCH remap.
+
+One run, same keys for everyone:
+
+* the map grows from empty to ``--keys`` distinct int64 keys (uniform over the int64
+  range, inserted in random order, in batches of ``--batch``) with ``find_or_insert``
+  (``find_or_insert_mops``; default construction, no ``reserve``);
+* a lookup stream of ``--keys`` ids drawn from those keys, uniformly or Zipf(``--zipf-a``)
+  with hot ids scattered over the key space (``--dist``), is answered by ``find`` on all
+  cores (``find_mops``), by a Python ``dict`` (``dict_find_mops``, a list comprehension
+  over ``dict.get``, on the first ``--dict-queries`` ids; inputs already Python ints), and
+  by TorchRec ``MCHManagedCollisionModule.remap`` (``mch_remap_mops``) sized to hold every
+  key (``zch_size = keys + 1``; its sorted-id buffer is filled directly with the keys,
+  i.e. the module as it is after it has admitted all of them);
+* ``dict_insert_mops``: building the dict with ``dict.update(zip(keys, values))``;
+* ``erase_mops``: erasing every key, in random order, in batches.
+
+``bytes_per_key`` is the index memory (16 bytes per slot) over the keys of the map grown
+from empty; ``bytes_per_key_reserved`` the same for a map sized up front with
+``reserve(keys)``. Times are the best of ``--repeat`` runs (find, dict, MCH) on a busy
+machine; mutating phases run once per repeat on a fresh map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "table", help="cuckoo index find/insert/erase vs Python dict and TorchRec MCH remap"
+    )
+    p.add_argument("--keys", type=int, default=1_000_000, help="distinct keys (default 1M)")
+    p.add_argument("--dist", choices=("uniform", "zipf"), default="uniform",
+                   help="distribution of the lookup stream")
+    p.add_argument("--zipf-a", type=float, default=1.1, help="Zipf exponent (--dist zipf)")
+    p.add_argument("--batch", type=int, default=1 << 18, help="keys per insert/erase call")
+    p.add_argument("--dict-queries", type=int, default=2_000_000,
+                   help="lookups timed for the dict (its rate is per key)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--no-torchrec", action="store_true", help="skip the MCH anchor")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from benchmarks._common import emit
+
+    emit(run(args), args.json)
+    return 0
+
+
+def _best(fn: Any, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _mch_remap_seconds(keys: Any, queries: Any, repeat: int) -> float:
+    import torch
+    from torchrec.modules.mc_modules import DistanceLFU_EvictionPolicy, MCHManagedCollisionModule
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    n = keys.shape[0]
+    mch = MCHManagedCollisionModule(
+        zch_size=n + 1, device=torch.device("cpu"),
+        eviction_policy=DistanceLFU_EvictionPolicy(), eviction_interval=1,
+    )
+    with torch.no_grad():
+        mch._mch_sorted_raw_ids[:n] = torch.from_numpy(keys).sort().values
+    q = torch.from_numpy(queries)
+    features = {"f": JaggedTensor(values=q, lengths=torch.tensor([q.shape[0]]))}
+    out = mch.remap(features)["f"].values()  # warm up, and check it found every key
+    if bool((out == n).any()):
+        raise RuntimeError("MCH anchor is missing keys; its buffers were not filled right")
+    return _best(lambda: mch.remap(features), repeat)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numba
+    import numpy as np
+
+    from benchmarks._common import machine_info
+    from monolith_py.table import CuckooHashMap
+
+    n = int(args.keys)
+    rng = np.random.default_rng(args.seed)
+    keys = np.unique(rng.integers(-(2**63) + 1, 2**63 - 1, int(n * 1.01) + 16))
+    keys = rng.permutation(keys)[:n]
+    values = np.arange(n, dtype=np.int64)
+    if args.dist == "uniform":
+        ranks = rng.integers(0, n, n)
+    else:
+        ranks = (rng.zipf(args.zipf_a, n) - 1) % n
+    queries = keys[ranks]  # keys are in random order, so hot ids are spread out
+    batch = max(1, int(args.batch))
+    threads = numba.get_num_threads()
+
+    # warm up the kernels (compilation is cached, but the first call still loads them)
+    warm = CuckooHashMap(16)
+    warm.find_or_insert(keys[:1000], values[:1000])
+    warm.find(np.concatenate([keys[:100_000], keys[:100_000]]))
+    warm.erase(keys[:1000])
+
+    # find_or_insert while growing from empty (fresh map per repeat)
+    fio = float("inf")
+    m = CuckooHashMap()
+    for _ in range(max(1, args.repeat)):
+        m = CuckooHashMap()
+        t0 = time.perf_counter()
+        for s in range(0, n, batch):
+            m.find_or_insert(keys[s : s + batch], values[s : s + batch])
+        fio = min(fio, time.perf_counter() - t0)
+    if len(m) != n or not (m.find(keys) == values).all():
+        raise RuntimeError("cuckoo map lost keys")
+    bytes_per_key = m.memory_bytes / n
+    load = m.load_factor
+    reserved = CuckooHashMap()
+    reserved.reserve(n)
+    reserved.insert_or_assign(keys, values)
+
+    find_s = _best(lambda: m.find(queries), args.repeat)
+    numba.set_num_threads(1)
+    find_1t = _best(lambda: m.find(queries), args.repeat)
+    numba.set_num_threads(threads)
+    hits_s = _best(lambda: m.find_or_insert(queries, values), args.repeat)
+
+    erase_s = float("inf")
+    for _ in range(max(1, args.repeat)):
+        e = CuckooHashMap()
+        e.reserve(n)
+        e.insert_or_assign(keys, values)
+        order = rng.permutation(keys)
+        t0 = time.perf_counter()
+        for s in range(0, n, batch):
+            e.erase(order[s : s + batch])
+        erase_s = min(erase_s, time.perf_counter() - t0)
+
+    # the dict anchor (inputs as Python ints: conversion not timed)
+    klist, vlist = keys.tolist(), values.tolist()
+    nq = min(n, int(args.dict_queries))
+    qlist = queries[:nq].tolist()
+    d: dict[int, int] = {}
+
+    def build() -> None:
+        d.clear()
+        d.update(zip(klist, vlist))
+
+    dict_insert_s = _best(build, 1)
+    get = d.get
+    dict_find_s = _best(lambda: [get(q, -1) for q in qlist], args.repeat)
+    del d, klist, vlist, qlist
+
+    mch_s = None if args.no_torchrec else _mch_remap_seconds(keys, queries, args.repeat)
+    result: dict[str, Any] = {
+        "keys": n,
+        "dist": args.dist,
+        "find_mops": n / find_s / 1e6,
+        "find_or_insert_mops": n / fio / 1e6,
+        "erase_mops": n / erase_s / 1e6,
+        "dict_find_mops": nq / dict_find_s / 1e6,
+        "dict_insert_mops": n / dict_insert_s / 1e6,
+        "mch_remap_mops": None if mch_s is None else n / mch_s / 1e6,
+        "bytes_per_key": bytes_per_key,
+        "load_factor": load,
+        "find_1thread_mops": n / find_1t / 1e6,
+        "find_or_insert_hits_mops": n / hits_s / 1e6,
+        "bytes_per_key_reserved": reserved.memory_bytes / n,
+        "load_factor_reserved": reserved.load_factor,
+        "growths": m.grow_count,
+        "threads": threads,
+        "machine": machine_info(),
+    }
+    result["find_vs_dict"] = result["find_mops"] / result["dict_find_mops"]
+    if mch_s is not None:
+        result["find_vs_mch"] = result["find_mops"] / result["mch_remap_mops"]
+    return result
