@@ -65,6 +65,21 @@ def _prefetch(typingctx, arr, idx):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
+def _prefetch_w(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+    """Like :func:`_prefetch`, announcing a write (the line is fetched for ownership)."""
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        _emit_prefetch(builder, ptr, write=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def prefetch_row(typingctx, arr, row):  # type: ignore[no-untyped-def]
     """Hint the CPU to load the start of row ``row`` of the 2-D array ``arr``."""
     sig = types.void(arr, row)
@@ -155,6 +170,13 @@ def _prefetch_key(tab, nb, salt, k):  # type: ignore[no-untyped-def]
     b1, b2 = bucket_pair(k, nb, salt)
     _prefetch(tab, b1 * WIDTH)
     _prefetch(tab, b2 * WIDTH)
+
+
+@njit(inline="always")
+def _prefetch_key_w(tab, nb, salt, k):  # type: ignore[no-untyped-def]
+    b1, b2 = bucket_pair(k, nb, salt)
+    _prefetch_w(tab, b1 * WIDTH)
+    _prefetch_w(tab, b2 * WIDTH)
 
 
 @njit(inline="always")
@@ -294,11 +316,11 @@ def upsert(tab, salt, keys, values, start, size, limit, mode, out, inserted, que
     nb = np.uint64(tab.shape[0] // WIDTH)
     n = keys.shape[0]
     for i in range(start, min(n, start + _PF)):
-        _prefetch_key(tab, nb, salt, keys[i])
+        _prefetch_key_w(tab, nb, salt, keys[i])
     for i in range(start, n):
         j = i + _PF
         if j < n:
-            _prefetch_key(tab, nb, salt, keys[j])
+            _prefetch_key_w(tab, nb, salt, keys[j])
         k = keys[i]
         w = _locate(tab, nb, salt, k)
         if w >= 0:
