@@ -17,6 +17,7 @@ import math
 import secrets
 from typing import Any
 
+import numba
 import numpy as np
 
 from monolith_py.errors import ConfigError
@@ -162,7 +163,8 @@ class CuckooHashMap:
         dvals = np.empty((parts, room), dtype=np.int64)
         dcount = np.empty(parts, dtype=np.int64)
         new = aligned_empty(buckets * K.WIDTH)  # rehash_stream marks it empty
-        K.rehash_stream(self._tab, new, self._salt, obounds, nbounds, dkeys, dvals, dcount)
+        with numba.parallel_chunksize(1):
+            K.rehash_stream(self._tab, new, self._salt, obounds, nbounds, dkeys, dvals, dcount)
         if (dcount < 0).any():  # pragma: no cover - needs a pathological key set
             new = self._new_table(buckets)
             return new if K.rehash(self._tab, new, self._salt, self._queue) else None
@@ -185,7 +187,9 @@ class CuckooHashMap:
         k = as_keys(keys)
         out = np.empty(k.shape[0], dtype=np.int64)
         if k.shape[0] >= _PARALLEL_MIN:
-            bad = K.find_parallel(self._tab, self._salt, k, out, np.int64(default))
+            # chunks handed out one at a time: on a shared machine one core is often busier
+            with numba.parallel_chunksize(1):
+                bad = K.find_parallel(self._tab, self._salt, k, out, np.int64(default))
         else:
             bad = K.find_serial(self._tab, self._salt, k, out, np.int64(default))
         if bad:
