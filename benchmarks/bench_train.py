@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train", help="training step: our embedding module vs TorchRec FusedEBC (same model)"
     )
-    p.add_argument("--steps", type=int, default=12, help="timed steps per side (default 12)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per side (default 30)")
     p.add_argument("--warmup", type=int, default=20,
                    help="untimed steps first (default 20: the tables fill up, as in a running job)")
     p.add_argument("--batch-size", type=int, default=4096)

@@ -9,9 +9,10 @@ How a training step flows:
 
 1. ``forward(kjt)`` validates the KJT (before anything changes), deduplicates the ids per
    table in one compiled pass, fetches the unique rows of every table in **one** backend
-   call, and pools them with ``torch.nn.functional.embedding_bag`` over the gathered rows
-   (one call per embedding width). The gathered rows ``[U, dim]`` are an autograd leaf
-   (see :mod:`monolith_py.modules._pooling` for the fast backward).
+   call, gathers them into one ``[U, dim]`` autograd leaf per embedding width, and pools
+   the bags from that leaf straight into the example-major ``[B, F * dim]`` output
+   (:mod:`monolith_py.modules._pooling`: compiled loops on CPU, ``embedding_bag``
+   elsewhere).
 2. ``loss.backward()`` therefore leaves the gradient of each *unique* row in that leaf's
    ``.grad`` -- the per-id gradient, already summed over every occurrence in the batch.
 3. ``apply_sparse_gradients(now)`` hands those gradients to the backend (one call for all
@@ -33,7 +34,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from monolith_py.errors import ConfigError, InvalidInputError, InvalidTypeError
-from monolith_py.modules._dedup import dedup_by_table, example_major
+from monolith_py.modules._dedup import dedup_by_table
 from monolith_py.modules._pooling import pool_unique_rows
 from monolith_py.table.backend import LocalBackend, SparseBackend
 
@@ -359,14 +360,10 @@ class DynamicEmbeddingBagCollection(nn.Module):
             if train:
                 leaf.requires_grad_(True)
             leaves.append(leaf)
-            idx, offsets, psw = example_major(
-                inv_np, lengths, lay.members[g], lay.mean, weights, max(base, 0)
-            )
-            dev = self._device
             pooled = pool_unique_rows(
-                leaf, idx.to(dev), offsets.to(dev), None if psw is None else psw.to(dev)
+                leaf, inv_np, lengths, lay.members[g], lay.mean, weights, max(base, 0)
             )
-            outs.append(pooled.view(b, -1))  # [B, F_g * d]: example-major bags
+            outs.append(pooled)  # [B, F_g * d]: example-major
 
         if lay.feature_src is None:
             out = outs[0]
