@@ -110,6 +110,39 @@ def _has_duplicates(keys: np.ndarray) -> bool:
     return bool(_has_duplicates_kernel(keys))
 
 
+@njit(cache=True)
+def _gather_kernel(src, idx, out):  # type: ignore[no-untyped-def]
+    d = src.shape[1]
+    for i in range(idx.shape[0]):
+        r = idx[i]
+        for j in range(d):
+            out[i, j] = src[r, j]
+
+
+@njit(cache=True)
+def _scatter_kernel(dst, idx, src):  # type: ignore[no-untyped-def]
+    d = src.shape[1]
+    for i in range(idx.shape[0]):
+        r = idx[i]
+        for j in range(d):
+            dst[r, j] = src[i, j]
+
+
+def gather_rows(src: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``src[idx]`` for float32 ``[n, d]`` rows (compiled; numpy's fancy indexing of rows
+    is several times slower)."""
+    out = np.empty((idx.shape[0], src.shape[1]), dtype=src.dtype)
+    if idx.shape[0]:
+        _gather_kernel(src, idx, out)
+    return out
+
+
+def scatter_rows(dst: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
+    """``dst[idx] = src`` for float32 rows."""
+    if idx.shape[0]:
+        _scatter_kernel(dst, idx, src)
+
+
 def split(keys: Mapping[str, np.ndarray], num_shards: int) -> list[list[Part]]:
     """Per shard, the :class:`Part` of every table with keys there (tables in input order,
     keys in input order)."""

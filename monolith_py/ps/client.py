@@ -55,6 +55,7 @@ from monolith_py.errors import (
 from monolith_py.observe.metrics import counter, histogram
 from monolith_py.ps import _protocol as proto
 from monolith_py.ps import _router
+from monolith_py.ps._memory import retain_freed_memory
 from monolith_py.ps.routing import ROUTING_VERSION
 from monolith_py.ps.server import channel_options
 from monolith_py.table import TableConfig
@@ -216,6 +217,7 @@ class PSClient:
                  options: ClientOptions | None = None, connect: bool = True) -> None:
         self.addresses = parse_addresses(addresses)
         self.options = options or ClientOptions()
+        retain_freed_memory()  # see monolith_py/ps/_memory.py
         self._tables = list(tables) if tables is not None else None
         self._dims: dict[str, int] = {t.name: t.dim for t in self._tables or []}
         opts = channel_options(self.options.max_message_bytes)
@@ -365,7 +367,7 @@ class PSClient:
                     if rows is None or rows.shape != (hi - lo, d) or rows.dtype != np.float32:
                         raise self._remember(InvalidInputError(
                             f"PS shard {s} answered a malformed pull for table {p.table!r}"))
-                    out[p.table][p.pos[lo:hi]] = rows
+                    _router.scatter_rows(out[p.table], p.pos[lo:hi], rows)
         return _router.to_torch(out)
 
     def apply_gradients(self, grads: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -383,7 +385,8 @@ class PSClient:
                     pos = p.pos[lo:hi]
                     g = checked[p.table][1]
                     body.append((p.table, p.keys[lo:hi],
-                                 g if self.num_shards == 1 and len(pos) == len(g) else g[pos]))
+                                 g if self.num_shards == 1 and len(pos) == len(g)
+                                 else _router.gather_rows(g, pos)))
                 self._seq += 1
                 messages.append((s, proto.encode_push(body, int(now), self._client_id,
                                                       self._seq, ck)))

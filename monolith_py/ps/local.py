@@ -81,7 +81,7 @@ class ShardedBackend:
                 continue
             rows = shard.pull_many({p.table: p.keys for p in parts}, train)
             for p in parts:
-                out[p.table][p.pos] = rows[p.table]
+                _router.scatter_rows(out[p.table], p.pos, rows[p.table])
         return _router.to_torch(out)
 
     def apply_gradients(self, grads: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -93,7 +93,8 @@ class ShardedBackend:
         keys = {t: k for t, (k, _) in checked.items()}
         for shard, parts in zip(self._shards, _router.split(keys, len(self._shards))):
             if parts:
-                shard.push_many({p.table: (p.keys, checked[p.table][1][p.pos]) for p in parts},
+                shard.push_many({p.table: (p.keys, _router.gather_rows(checked[p.table][1], p.pos))
+                                 for p in parts},
                                 int(now))
 
     def evict_expired(self, now: int) -> dict[str, int]:

@@ -39,6 +39,7 @@ import grpc
 from monolith_py.errors import ConfigError, DecodeError, InvalidInputError
 from monolith_py.observe.metrics import counter, histogram
 from monolith_py.ps import _protocol as proto
+from monolith_py.ps._memory import retain_freed_memory
 from monolith_py.ps.shard import PSShard
 
 __all__ = ["PSServer", "channel_options"]
@@ -92,6 +93,7 @@ class PSServer:
                 f"max_message_bytes must be in [64 KiB, 1 GiB], got {max_message_bytes}")
         if max_workers < 1:
             raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
+        retain_freed_memory()  # big per-request buffers: reuse, no page faults
         self.shard = shard
         self.host = host
         self.max_message_bytes = int(max_message_bytes)
