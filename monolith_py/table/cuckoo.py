@@ -245,11 +245,10 @@ class CuckooHashMap:
         return mask
 
     def contains(self, keys: Any) -> np.ndarray:
-        """Bool mask ``[n]``: which keys are present."""
-        sentinel = np.iinfo(np.int64).min
-        return self.find(keys, default=sentinel) != sentinel if len(self) else np.zeros(
-            len(as_keys(keys)), dtype=np.bool_
-        )
+        """Bool mask ``[n]``: which keys are present (two lookups with different
+        defaults, since any int64 may be a stored value)."""
+        k = as_keys(keys)
+        return ~((self.find(k, 0) == 0) & (self.find(k, 1) == 1))
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """All ``(keys, values)`` as two ``[len]`` int64 arrays (in no particular order)."""

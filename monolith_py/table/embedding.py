@@ -13,7 +13,7 @@ import torch
 from monolith_py.errors import InvalidInputError, InvalidTypeError
 from monolith_py.table._arena import RowArena, gather_rows, sum_by_row
 from monolith_py.table._arrays import as_float_rows, as_keys, check_reserved
-from monolith_py.table._kernels import EMPTY
+from monolith_py.table._state import STATE_FORMAT, check_state
 from monolith_py.table.admission import CountMinSketch, admit
 from monolith_py.table.changes import DeletionLog, TableDelta
 from monolith_py.table.config import TableConfig
@@ -21,21 +21,21 @@ from monolith_py.table.cuckoo import CuckooHashMap
 from monolith_py.table.expiry import expired
 from monolith_py.table.init import INIT_KINDS, init_rows
 from monolith_py.table.optim import apply_optimizer, new_scratch, slot_specs
-from monolith_py.table._state import STATE_FORMAT, check_state
 
 __all__ = ["EmbeddingTable"]
 
 _EMPTY_KEYS = np.zeros(0, dtype=np.int64)
 
 
-def _as_time(now: Any) -> int:
-    if isinstance(now, (bool, np.bool_)) or isinstance(now, (float, np.floating)):
-        raise InvalidTypeError(f"now must be an integer (event-time seconds), got {now!r}")
+def _as_int(value: Any, name: str = "now") -> int:
+    what = "event-time seconds" if name == "now" else "a table version"
+    if isinstance(value, (bool, np.bool_, float, np.floating)):
+        raise InvalidTypeError(f"{name} must be an integer ({what}), got {value!r}")
     try:
-        return int(operator.index(now))
+        return int(operator.index(value))
     except TypeError:
         raise InvalidTypeError(
-            f"now must be an integer (event-time seconds), got {type(now).__name__}"
+            f"{name} must be an integer ({what}), got {type(value).__name__}"
         ) from None
 
 
@@ -131,7 +131,7 @@ class EmbeddingTable:
         self._filter.add(fresh)
         return absent[admit(self._filter.estimate(absent), self._config.admit_threshold)]
 
-    def _insert(self, keys: np.ndarray, version: int) -> np.ndarray:
+    def _insert(self, keys: np.ndarray, version: int, admitted: bool = True) -> np.ndarray:
         """Create rows for absent unique ``keys`` (initialized from (seed, key))."""
         a = self._arena
         rows = a.alloc(keys.shape[0])
@@ -141,7 +141,8 @@ class EmbeddingTable:
         a.last_update[rows] = self._clock
         a.update_count[rows] = 0
         a.version[rows] = version
-        self._counters["admitted"] += int(keys.shape[0])
+        if admitted:
+            self._counters["admitted"] += int(keys.shape[0])
         return rows
 
     def _fill_absent(self, k: np.ndarray, rows: np.ndarray, from_apply: bool) -> bool:
@@ -187,7 +188,7 @@ class EmbeddingTable:
         k = as_keys(keys)
         check_reserved(k)
         g = as_float_rows(grads, k.shape[0], self._dim, "grads")
-        t = _as_time(now)
+        t = _as_int(now)
         rows = self._index.find(k)
         inserted = self._fill_absent(k, rows, from_apply=True)
         self._pending = _EMPTY_KEYS
@@ -211,7 +212,7 @@ class EmbeddingTable:
     def evict_expired(self, now: Any) -> torch.Tensor:
         """Delete rows whose last update is more than ``ttl_seconds`` before ``now`` (event
         time); returns the evicted keys (int64 tensor, sorted)."""
-        t = _as_time(now)
+        t = _as_int(now)
         self._clock = max(self._clock, t)
         ttl = self._config.ttl_seconds
         if ttl is None or len(self) == 0:
@@ -293,8 +294,7 @@ class EmbeddingTable:
         r = self._index.find(k)
         missing = r < 0
         if missing.any():
-            r[missing] = self._insert(k[missing], version)
-            self._counters["admitted"] -= int(missing.sum())  # loaded, not admitted
+            r[missing] = self._insert(k[missing], version, admitted=False)
         a = self._arena
         a.weights[r] = w
         for name, (_, init) in self._specs.items():
@@ -309,7 +309,7 @@ class EmbeddingTable:
     def changes_since(self, version: int, include_state: bool = False) -> TableDelta:
         """Rows written and keys deleted after ``version`` (see :class:`TableDelta`);
         ``include_state=True`` adds optimizer slots and metadata (incremental snapshots)."""
-        v = _as_time(version)
+        v = _as_int(version, "version")
         a = self._arena
         live = a.live_rows()
         sel = live[a.version[live] > v]
@@ -330,7 +330,7 @@ class EmbeddingTable:
 
     def trim_changes(self, version: int) -> None:
         """Forget logged deletions at or before ``version`` (every reader is past it)."""
-        self._log.trim(_as_time(version))
+        self._log.trim(_as_int(version, "version"))
 
     # -- state ------------------------------------------------------------------------------
 

@@ -142,7 +142,9 @@ def test_grows_through_many_doublings_and_parallel_find() -> None:
     assert len(m) == keys.shape[0] and m.grow_count >= 10
     assert (m.find(keys) == keys + 1).all()  # >= 65536 keys: the parallel kernel
     missing = keys + 1
-    assert (m.find(missing[np.isin(missing, keys, invert=True)]) == -1).all()
+    absent = missing[np.isin(missing, keys, invert=True)]
+    assert (m.find(absent) == -1).all()
+    assert m.contains(keys[:1000]).all() and not m.contains(absent[:1000]).any()
 
 
 def test_high_load_factor_is_reachable() -> None:
