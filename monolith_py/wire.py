@@ -41,7 +41,10 @@ import numpy as np
 
 from monolith_py.errors import CorruptDataError, DecodeError, InvalidInputError
 
-__all__ = ["WireLimits", "DEFAULT_LIMITS", "encode_arrays", "decode_arrays", "MAGIC"]
+__all__ = [
+    "WireLimits", "DEFAULT_LIMITS", "encode_arrays", "decode_arrays", "MAGIC",
+    "FramePlan", "plan_frame",
+]
 
 MAGIC = b"MNF1"
 _PREFIX = struct.Struct("<4sIII")
@@ -139,6 +142,101 @@ def encode_arrays(
         out, 0, MAGIC, _FLAG_CHECKSUM if checksum else 0, padded_header_len, crc
     )
     return bytes(out)
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """The layout of a frame whose arrays the caller writes in place (see :func:`plan_frame`).
+
+    Attributes:
+        nbytes: total frame size.
+        payload_start: where the payload (the arrays) begins.
+        offsets: ``{name: absolute byte offset}`` of each array in the frame.
+        dtypes, shapes: of each array.
+    """
+
+    header: bytes
+    payload_start: int
+    nbytes: int
+    offsets: dict[str, int]
+    dtypes: dict[str, np.dtype]
+    shapes: dict[str, tuple[int, ...]]
+    checksum: bool
+
+    def array(self, buf: Any, name: str) -> np.ndarray:
+        """A writable view of array ``name`` inside ``buf`` (at least ``nbytes`` long)."""
+        dtype, shape = self.dtypes[name], self.shapes[name]
+        count = 1
+        for d in shape:
+            count *= d
+        return np.frombuffer(buf, dtype=dtype, count=count,
+                             offset=self.offsets[name]).reshape(shape)
+
+    def finish(self, buf: Any) -> int:
+        """Write the prefix and header into ``buf`` and, after the caller filled every
+        array, the payload checksum; returns the frame size. ``buf[:nbytes]`` then
+        decodes with :func:`decode_arrays`."""
+        view = memoryview(buf).cast("B")
+        if view.nbytes < self.nbytes:
+            raise InvalidInputError(f"buffer of {view.nbytes} bytes is smaller than the "
+                                    f"{self.nbytes}-byte frame")
+        view[_PREFIX.size : self.payload_start] = self.header
+        crc = crc32c.crc32c(view[self.payload_start : self.nbytes]) if self.checksum else 0
+        _PREFIX.pack_into(view, 0, MAGIC, _FLAG_CHECKSUM if self.checksum else 0,
+                          self.payload_start - _PREFIX.size, crc)
+        return self.nbytes
+
+
+def plan_frame(
+    specs: Any,
+    meta: Mapping[str, Any] | None = None,
+    *,
+    checksum: bool = True,
+) -> FramePlan:
+    """Lay out a frame for arrays the caller will write in place (no intermediate copy).
+
+    Args:
+        specs: ``(name, dtype, shape)`` for each array, in order.
+        meta: JSON-serializable metadata.
+
+    Example::
+
+        >>> plan = plan_frame([("keys", np.int64, (3,))], {"t": 1})
+        >>> buf = bytearray(plan.nbytes)
+        >>> plan.array(buf, "keys")[:] = [4, 5, 6]
+        >>> n = plan.finish(buf)
+        >>> decode_arrays(buf)[0]["keys"].tolist()
+        [4, 5, 6]
+    """
+    entries = []
+    offset = 0
+    dtypes: dict[str, np.dtype] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, dtype, shape in specs:
+        dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).byteorder == ">" else np.dtype(dtype)
+        if dt.str not in _ALLOWED_DTYPES:
+            raise InvalidInputError(f"array {name!r} has dtype {dt}, which frames do not carry")
+        shp = tuple(int(d) for d in shape)
+        if name in dtypes:
+            raise InvalidInputError(f"duplicate array name {name!r}")
+        nbytes = dt.itemsize
+        for d in shp:
+            nbytes *= d
+        offset = (offset + _ALIGN - 1) // _ALIGN * _ALIGN
+        entries.append({"name": str(name), "dtype": dt.str, "shape": list(shp),
+                        "offset": offset, "nbytes": nbytes})
+        dtypes[name], shapes[name] = dt, shp
+        offset += nbytes
+    try:
+        header = json.dumps({"meta": dict(meta or {}), "arrays": entries},
+                            separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"frame metadata is not JSON-serializable: {exc}") from exc
+    payload_start = (_PREFIX.size + len(header) + _ALIGN - 1) // _ALIGN * _ALIGN
+    header = header + b"\x00" * (payload_start - _PREFIX.size - len(header))
+    offsets = {e["name"]: payload_start + e["offset"] for e in entries}
+    return FramePlan(header, payload_start, payload_start + offset, offsets, dtypes, shapes,
+                     bool(checksum))
 
 
 def _fail(msg: str) -> DecodeError:
