@@ -15,7 +15,7 @@ def expired(last_update: np.ndarray, now: int, ttl: int | None) -> np.ndarray:
 
     Example::
 
-        >>> expired(np.array([100, 150, 200]), now=260, ttl=100).tolist()
+        >>> expired(np.array([100, 150, 200]), now=250, ttl=100).tolist()
         [True, False, False]
     """
     last = np.asarray(last_update, dtype=np.int64)
