@@ -5,7 +5,7 @@ Public API (see ``docs/design/0001-architecture-and-contracts.md``, seam 1)::
     from monolith_py.table import CuckooHashMap, EmbeddingTable, TableConfig, OptimizerConfig
 """
 
-from monolith_py.table.admission import CountMinSketch, admit
+from monolith_py.table.admission import CountMinSketch, admit, merge_counters
 from monolith_py.table.changes import TableDelta
 from monolith_py.table.config import OptimizerConfig, TableConfig
 from monolith_py.table.cuckoo import CuckooHashMap
@@ -23,4 +23,5 @@ __all__ = [
     "admit",
     "expired",
     "initial_rows",
+    "merge_counters",
 ]

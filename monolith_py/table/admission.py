@@ -23,7 +23,7 @@ from numba import njit
 from monolith_py.errors import InvalidInputError
 from monolith_py.table._kernels import mix64
 
-__all__ = ["CountMinSketch", "admit"]
+__all__ = ["CountMinSketch", "admit", "merge_counters"]
 
 _LO32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
@@ -44,6 +44,30 @@ def admit(counts: np.ndarray, threshold: int) -> np.ndarray:
         [False, False, True]
     """
     return np.asarray(counts) >= threshold
+
+
+def merge_counters(*counters: np.ndarray) -> np.ndarray:
+    """Merge sketch counter arrays (e.g. the ``filter.counters`` of several shards' table
+    states) by saturating addition; all must have the same shape.
+
+    Example::
+
+        >>> merge_counters(np.array([[1, 200]], np.uint8), np.array([[2, 100]], np.uint8))
+        array([[  3, 255]], dtype=uint8)
+    """
+    if not counters:
+        raise InvalidInputError("merge_counters needs at least one counter array")
+    shape = np.asarray(counters[0]).shape
+    total = np.zeros(shape, dtype=np.uint16)
+    for c in counters:
+        arr = np.asarray(c)
+        if arr.dtype != np.uint8 or arr.shape != shape:
+            raise InvalidInputError(
+                f"sketch counters must all be uint8 {shape}, got {arr.dtype} {arr.shape}"
+            )
+        total += arr
+        np.minimum(total, 255, out=total)
+    return total.astype(np.uint8)
 
 
 @njit(cache=True)
@@ -140,9 +164,7 @@ class CountMinSketch:
             raise InvalidInputError(
                 f"cannot merge sketches of shape {other._table.shape} into {self._table.shape}"
             )
-        total = self._table.astype(np.uint16) + other._table
-        np.minimum(total, 255, out=total)
-        self._table[...] = total
+        self._table[...] = merge_counters(self._table, other._table)
 
     def clear(self) -> None:
         self._table[...] = 0
