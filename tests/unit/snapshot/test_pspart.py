@@ -1,0 +1,153 @@
+"""PS parts: full and incremental capture, composition, equality with state_dict()."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monolith_py.errors import CorruptDataError, DecodeError
+from monolith_py.ps import PSShard
+from monolith_py.ps.routing import shard_of
+from monolith_py.snapshot import _gather
+from monolith_py.snapshot.pspart import (
+    ShardCapturer,
+    apply_increment,
+    decode_part,
+    encode_shard_state,
+    shard_state,
+)
+from monolith_py.table import OptimizerConfig, TableConfig
+from monolith_py.testing.state import assert_states_equal
+
+TABLES = [
+    TableConfig("user", dim=4, optimizer=OptimizerConfig("adagrad", lr=0.1), admit_threshold=2,
+                filter_memory_bytes=4096, ttl_seconds=50, initial_capacity=8),
+    TableConfig("item", dim=3, optimizer=OptimizerConfig("adam", lr=0.01), initial_capacity=8),
+    TableConfig("ctx", dim=2, optimizer=OptimizerConfig("sgd", lr=0.5), initial_capacity=8),
+]
+
+
+def _step(shard: PSShard, rng: np.random.Generator, now: int) -> None:
+    for cfg in TABLES:
+        keys = np.unique(rng.zipf(1.3, 40).astype(np.int64) % 300)
+        keys = keys[shard_of(keys, shard.num_shards) == shard.shard_id]
+        shard.pull(cfg.name, keys, train=True)
+        grads = rng.standard_normal((keys.shape[0], cfg.dim)).astype(np.float32)
+        shard.push(cfg.name, keys, grads, now)
+    if rng.random() < 0.15:
+        shard.evict_expired(now)
+    if rng.random() < 0.15:
+        with shard.lock:
+            t = shard.tables["item"]
+            t.erase(rng.integers(0, 300, 10).astype(np.int64))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chain_of_increments_equals_state_dict(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shard = PSShard(1, 2, TABLES)
+    cap = ShardCapturer(shard)
+    composed: dict[int, dict] = {}
+    sid, now = 0, 1000
+    base: int | None = None
+    kinds = []
+    for round_ in range(12):
+        for _ in range(int(rng.integers(1, 6))):
+            now += int(rng.integers(1, 20))
+            _step(shard, rng, now)
+        sid += 1
+        part = cap.capture(sid, step=round_, base_id=base)
+        expected = shard.state_dict()
+        dec = decode_part(part.frame())
+        if part.kind == "full":
+            state = shard_state(dec)
+        else:
+            assert dec.base_id == base
+            state = apply_increment(composed[base], dec)  # type: ignore[index]
+        assert_states_equal(state, expected, f"snapshot {sid} ({part.kind})")
+        composed[sid] = state
+        kinds.append(part.kind)
+        # next base: usually the previous one, sometimes an older one or none (full)
+        r = rng.random()
+        base = sid if r < 0.7 else (max(sid - 2, 1) if r < 0.9 else None)
+    assert kinds.count("inc") >= 6 and kinds[0] == "full"
+    assert shard.stats()["item"]["erased"] > 0 and shard.stats()["user"]["evicted"] > 0
+
+
+def test_increment_is_small_and_matches_changes_since() -> None:
+    shard = PSShard(0, 1, TABLES)
+    rng = np.random.default_rng(5)
+    for i in range(20):
+        _step(shard, rng, 100 + i)
+    cap = ShardCapturer(shard)
+    full = cap.capture(1, 1, None)
+    versions = {n: t.version for n, t in shard.tables.items()}
+    shard.push("item", np.array([7, 8], np.int64), np.ones((2, 3), np.float32), 200)
+    inc = cap.capture(2, 2, base_id=1)
+    assert inc.kind == "inc" and inc.rows < full.rows and inc.nbytes < full.nbytes
+    dec = decode_part(inc.frame())
+    for name, t in shard.tables.items():
+        delta = t.changes_since(versions[name], include_state=True)
+        tp = dec.tables[name]
+        order = np.argsort(tp.meta[:, 0])
+        assert np.array_equal(tp.meta[order, 0], delta.keys)
+        assert np.array_equal(tp.weights[order], delta.rows)
+        assert np.array_equal(tp.meta[order, 1], delta.last_update)
+        assert np.array_equal(tp.meta[order, 2], delta.update_count)
+        for s, arr in (delta.slots or {}).items():
+            assert np.array_equal(tp.slots[s][order], arr)
+
+
+def test_fallback_full_part_when_layout_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    shard = PSShard(0, 1, TABLES)
+    rng = np.random.default_rng(7)
+    for i in range(5):
+        _step(shard, rng, 10 + i)
+    monkeypatch.setattr(_gather, "arena_of", lambda table: None)
+    cap = ShardCapturer(shard)
+    part = cap.capture(3, 3, base_id=None)
+    assert part.kind == "full"
+    assert_states_equal(shard_state(decode_part(part.frame())), shard.state_dict())
+
+
+def test_capture_into_leased_buffer_and_reencode_sorted() -> None:
+    shard = PSShard(0, 1, TABLES)
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        _step(shard, rng, 10 + i)
+    bufs = []
+
+    def alloc(n: int) -> bytearray:
+        bufs.append(bytearray(n + 100))
+        return bufs[-1]
+
+    part = ShardCapturer(shard).capture(1, 1, None, alloc=alloc)
+    assert part.buffer is bufs[0]
+    state = shard_state(decode_part(part.frame()))
+    again = encode_shard_state(state, 1, 1)
+    assert_states_equal(shard_state(decode_part(again)), shard.state_dict())
+
+
+def test_broken_chain_and_corrupt_parts_are_detected() -> None:
+    shard = PSShard(0, 1, TABLES)
+    rng = np.random.default_rng(11)
+    cap = ShardCapturer(shard)
+    _step(shard, rng, 1)
+    full1 = decode_part(cap.capture(1, 1, None).frame())
+    for i in range(3):
+        _step(shard, rng, 2 + i)
+    cap.capture(2, 2, base_id=1)
+    for i in range(3):
+        _step(shard, rng, 10 + i)
+    inc3 = decode_part(cap.capture(3, 3, base_id=2).frame())
+    # applying the increment against the wrong base (1 instead of 2) must not pass silently
+    with pytest.raises(CorruptDataError):
+        apply_increment(shard_state(full1), inc3)
+    with pytest.raises(CorruptDataError):
+        shard_state(inc3)
+    frame = bytearray(cap.capture(4, 4, None).frame())
+    frame[len(frame) // 2] ^= 0x10
+    with pytest.raises(DecodeError):
+        decode_part(frame)
+    with pytest.raises(DecodeError):
+        decode_part(bytes(frame[: len(frame) // 3]))
