@@ -11,6 +11,7 @@ Messages of ``--examples-per-msg`` examples (default 1024), each with 39 feature
   touches each message's bytes (``kafka_python_raw_msgs_per_s``: the anchor).
 
 ``decode_overhead`` = source time / raw consumer time - 1 (the target is <= 0.25).
+``join_impressions_per_s`` is the joiner's core in memory (no Kafka), for reference.
 Each figure is the median of ``--repeats`` runs; the broker is the local one on loopback
 unless ``--bootstrap-servers`` is given.
 """
@@ -76,6 +77,24 @@ def _decode_rate(msgs: list[bytes], examples_per_msg: int) -> float:
     for m in msgs:
         decode_batch(m)
     return len(msgs) * examples_per_msg / (time.perf_counter() - start)
+
+
+def _join_rate(messages: int = 200, size: int = 1024) -> float:
+    """Impressions per second through the joiner's core (in memory: add impressions, add
+    the clicks 5 s later, advance the watermark)."""
+    from streaming.generate import SyntheticConfig, SyntheticCTR
+    from streaming.join import JoinerConfig, JoinState
+
+    gen = SyntheticCTR(SyntheticConfig(events_per_s=1000))
+    batches = [gen.batch(i, size)[0] for i in range(messages)]
+    join = JoinState(JoinerConfig(window_s=60))
+    start = time.perf_counter()
+    for c in batches:
+        hit = c.labels > 0.5
+        join.add_impressions(c)
+        join.add_actions(c.example_ids[hit], c.labels[hit], c.timestamps[hit] + 5)
+        join.advance(int(c.timestamps.max()))
+    return messages * size / (time.perf_counter() - start)
 
 
 def _produce(bs: str, topic: str, msgs: list[bytes]) -> float:
@@ -195,6 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kafka_python_raw_msgs_per_s": n_msgs / raw_s,
         "kafka_python_raw_examples_per_s": n_examples / raw_s,
         "decode_overhead": consume_s / raw_s - 1.0,
+        "join_impressions_per_s": _join_rate(),
         "consume_mb_per_s": sum(map(len, msgs)) / consume_s / 1e6,
         "examples_per_msg": per,
         "features_per_example": args.sparse + args.dense,

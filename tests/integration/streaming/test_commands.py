@@ -63,12 +63,6 @@ def test_broker_command_starts_answers_and_stops(tmp_path: Path) -> None:
             proc.wait()
 
 
-def test_trainer_command_is_not_there_yet() -> None:
-    proc = subprocess.run([sys.executable, "-m", "monolith_py.cli", "trainer"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "PS issue" in proc.stderr
-
-
 @pytest.mark.e2e
 def test_train_from_kafka_matches_training_from_the_file(kafka_broker, tmp_path: Path
                                                          ) -> None:

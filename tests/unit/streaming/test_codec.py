@@ -229,3 +229,16 @@ def test_fuzz_mutated_messages(which: int, edits: list[tuple[int, int]], cut: in
     if cut is not None:
         del buf[cut % (len(buf) + 1):]
     _decode_bounded(bytes(buf))
+
+
+def test_the_example_in_the_format_spec() -> None:
+    """docs/example-format.md ends with this message; keep the two in step."""
+    spec = bytes.fromhex(
+        "4d4c45580100000001000000010000000000000003000000010000000000000058000000"
+        "00000000" "0100750000000000" "0900000000000000" "0500000000000000"
+        "0000803f00000000" "0100000000000000" "0700000000000000")
+    cols = decode_columns(spec)
+    assert cols.names == ("u",) and cols.values.tolist() == [7]
+    assert cols.labels.tolist() == [1.0] and cols.timestamps.tolist() == [5]
+    assert cols.example_ids.tolist() == [9] and cols.dense.shape == (1, 0)
+    assert encode_columns(cols, checksum=False) == spec
