@@ -98,6 +98,17 @@ def as_float_rows(x: Any, n: int, dim: int, name: str) -> np.ndarray:
     return arr
 
 
+def unique_sorted(a: np.ndarray) -> np.ndarray:
+    """Sorted unique values of a 1-D array (faster than ``np.unique`` on small batches)."""
+    if a.shape[0] <= 1:
+        return a.copy()
+    s = np.sort(a)
+    keep = np.empty(s.shape[0], dtype=np.bool_)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 def aligned_empty(words: int) -> np.ndarray:
     """An uninitialized int64 array of ``words`` entries (see :func:`aligned_array`)."""
     return aligned_array((words,), np.int64)

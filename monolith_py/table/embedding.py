@@ -12,7 +12,7 @@ import torch
 
 from monolith_py.errors import InvalidInputError, InvalidTypeError
 from monolith_py.table._arena import RowArena, gather_rows, sum_by_row
-from monolith_py.table._arrays import as_float_rows, as_keys, check_reserved
+from monolith_py.table._arrays import as_float_rows, as_keys, check_reserved, unique_sorted
 from monolith_py.table._state import STATE_FORMAT, check_state
 from monolith_py.table.admission import CountMinSketch, admit
 from monolith_py.table.changes import DeletionLog, TableDelta
@@ -150,7 +150,7 @@ class EmbeddingTable:
         miss = rows < 0
         if not miss.any():
             return False
-        absent = np.unique(k[miss])
+        absent = unique_sorted(k[miss])
         new = self._admitted(absent, from_apply)
         if not new.shape[0]:
             return False
@@ -268,7 +268,7 @@ class EmbeddingTable:
         check_reserved(k)
         n = k.shape[0]
         w = as_float_rows(rows, n, self._dim, "rows")
-        if np.unique(k).shape[0] != n:
+        if unique_sorted(k).shape[0] != n:
             raise InvalidInputError("load_rows needs unique keys; got duplicates")
         sl: dict[str, np.ndarray] = {}
         for name, value in (slots or {}).items():
