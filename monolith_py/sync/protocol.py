@@ -80,6 +80,10 @@ class TablePatch:
     rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.float32))
     deleted: np.ndarray = field(default_factory=lambda: _EMPTY_KEYS)
 
+    def __post_init__(self) -> None:
+        if self.rows.shape[0] == 0 and self.rows.shape != (0, self.dim):
+            object.__setattr__(self, "rows", np.zeros((0, self.dim), self.rows.dtype))
+
 
 @dataclass(frozen=True)
 class ShardDelta:
