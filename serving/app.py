@@ -22,7 +22,8 @@ import asyncio
 import json
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from monolith_py.errors import InvalidInputError, UnavailableError
@@ -138,6 +139,14 @@ def create_app(store: ServingStore, batcher: MicroBatcher[Any, Any],
     def fail(status: int, msg: str) -> HTTPException:
         m_req.labels(status=str(status)).inc()
         return HTTPException(status_code=status, detail=msg)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the echoed input is left out: it may hold NaN (not JSON) or be huge
+        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                   "type": str(e.get("type", ""))} for e in exc.errors()[:20]]
+        m_req.labels(status="422").inc()
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @api.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
               summary="Score a batch of examples")
