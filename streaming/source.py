@@ -27,6 +27,10 @@ Contract (see ``docs/design/0003-streaming.md``):
   ``max_outage_s`` (``None``: forever), after which :class:`UnavailableError` is raised.
 * **End of stream** (``end_of_stream=True``): iteration stops once every partition has
   reached the end it had when iteration started (for replays and tests).
+* **Stop and resume.** ``stop()`` ends an iteration at the next poll; a batch being
+  assembled is kept and yielded by the next iteration. ``close()`` keeps the position:
+  iterating again reconnects there. A position outside the retained log (deleted by
+  retention, or past the end of a re-created topic) resets to the earliest offset.
 
 Not thread-safe: iterate, read ``state_dict()`` and call ``lag()`` from one thread;
 ``stop()`` may be called from any thread (iteration ends at the next poll).
@@ -241,6 +245,8 @@ class KafkaExampleSource:
     def close(self) -> None:
         """Close the consumer and the dead-letter producer."""
         self._stop.set()
+        self._restored = dict(self._next)  # a later open() resumes where this one was
+        self._buffer.clear()
         if self._dlq is not None:
             self._dlq.close()
             self._dlq = None
@@ -369,6 +375,7 @@ class KafkaExampleSource:
     def _assemble(self) -> tuple[ExampleColumns, dict[int, int]] | None:
         """Collect whole messages into one batch; ``None`` at end of stream / stop."""
         parts: list[ExampleColumns] = []
+        taken: list[tuple[int, int, ExampleColumns | None]] = []  # popped for this batch
         count = 0
         positions: dict[int, int] = {}
         deadline: float | None = None
@@ -379,6 +386,7 @@ class KafkaExampleSource:
                 if cols is None:  # a dead-lettered message: no examples, just move on
                     self._buffer.popleft()
                     if parts:
+                        taken.append((p, off, cols))
                         positions[p] = off + 1
                     else:
                         self._next[p] = off + 1
@@ -387,7 +395,7 @@ class KafkaExampleSource:
                               or count + len(cols) > self.batch_size):
                     full = True
                     break
-                self._buffer.popleft()
+                taken.append(self._buffer.popleft())
                 parts.append(cols)
                 count += len(cols)
                 positions[p] = off + 1
@@ -399,6 +407,7 @@ class KafkaExampleSource:
             if full and parts:
                 return concat_columns(parts), positions
             if self._stop.is_set():
+                self._buffer.extendleft(reversed(taken))  # not yielded: keep for later
                 return None
             if self.end_of_stream and not self._buffer and self._caught_up(positions):
                 return (concat_columns(parts), positions) if parts else None

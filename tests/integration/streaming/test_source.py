@@ -211,3 +211,27 @@ def test_broker_paused_mid_stream_loses_nothing(tmp_path) -> None:
         assert sorted(got) == list(range(total_msgs * per_msg))
     finally:
         broker.stop()
+
+
+def test_stop_keeps_a_half_assembled_batch_and_close_keeps_the_position(kafka_broker) -> None:
+    bs, topic = kafka_broker.bootstrap_servers, unique_topic("stop")
+    ensure_topic(bs, topic, partitions=1)
+    produce(bs, topic, [10, 20])
+    src = KafkaExampleSource(bs, topic, batch_size=10_000, max_wait_s=120, options=FAST)
+    out: list = []
+    thread = threading.Thread(target=lambda: out.extend(src.iter_columns()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while src.counters["messages"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    src.stop()  # while the batch waits for more examples (max_wait_s is long)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and out == []
+    assert src.state_dict() == {0: 0}
+    src.end_of_stream = True
+    assert ids_of(list(src.iter_columns())) == list(range(30))  # nothing was dropped
+    produce(bs, topic, [5], first_id=30)
+    src.close()
+    assert src.state_dict() == {0: 2}
+    assert ids_of(list(src.iter_columns())) == list(range(30, 35))  # reopens at 2
+    src.close()
