@@ -19,6 +19,10 @@ writes labelled examples to the output topic with an idempotent producer.
   reads the output written *after* the snapshot: those requests count as emitted, so a
   restored joiner never emits a request again (output stays exactly-once across crashes).
 
+* **Outages**: kafka-python reconnects by itself; errors reaching ``poll`` are retried
+  with exponential backoff; the output producer is idempotent and its failures surface at
+  the next flush (``state_dict``/``run``'s end), before any progress is recorded.
+
 Not thread-safe, except ``stop()``.
 """
 
@@ -92,7 +96,9 @@ class Joiner:
         self._rr = 0
         self._dlq: DeadLetterWriter | None = None
         self._stop = threading.Event()
-        self.counters = {"messages": 0, "dead_letters": 0, "emitted": 0, "restored_emitted": 0}
+        self.counters = {"messages": 0, "dead_letters": 0, "emitted": 0, "restored_emitted": 0,
+                         "poll_errors": 0}
+        self._failures = 0
 
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> Joiner:
@@ -174,10 +180,22 @@ class Joiner:
     def poll_once(self, timeout_s: float | None = None) -> int:
         """Read what is available, join it, advance the watermark, write the output.
         Returns the number of examples written."""
+        from kafka.errors import KafkaError
+
         self.open()
-        records = self._consumer.poll(
-            timeout_ms=int((self.options.poll_timeout_s if timeout_s is None else timeout_s)
-                           * 1000))
+        try:
+            records = self._consumer.poll(
+                timeout_ms=int((self.options.poll_timeout_s if timeout_s is None
+                                else timeout_s) * 1000))
+        except KafkaError as exc:  # kafka-python reconnects; back off and try again later
+            self.counters["poll_errors"] += 1
+            delay = min(self.options.backoff_max_s,
+                        self.options.backoff_initial_s * 2 ** min(self._failures, 16))
+            self._failures += 1
+            log.warning("joiner poll failed (%s); retrying in %.2fs", exc, delay)
+            self._stop.wait(delay)
+            return 0
+        self._failures = 0
         out: list[ExampleColumns] = []
         for tp, msgs in records.items():
             role = "impressions" if tp.topic == self.topics["impressions"] else "actions"
