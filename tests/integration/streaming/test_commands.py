@@ -66,18 +66,23 @@ def test_broker_command_starts_answers_and_stops(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_train_from_kafka_matches_training_from_the_file(kafka_broker, tmp_path: Path
                                                          ) -> None:
-    """`monolith replay movielens` into a topic, then `monolith train --source kafka`:
-    the model sees the same batches in the same order as when it reads the file, so the
+    """`monolith replay movielens` into a topic (plus one poison message), then `monolith
+    train --source kafka`: the poison message is dead-lettered and training goes on; the
+    model sees the same batches in the same order as when it reads the file, so the
     progressive metrics agree exactly; the offsets file records the end of the topic."""
     bs, topic = kafka_broker.bootstrap_servers, unique_topic("movielens")
     limit, size = "3000", "250"
     replayed = monolith("replay", "movielens", "--bootstrap-servers", bs, "--topic", topic,
                         "--limit", limit, "--batch-size", size)
     assert replayed["examples"] == 3000 and replayed["messages"] == 12
+    with KafkaSink(bs, topic) as sink:  # a poison message at the end of the topic
+        sink.send(b"this is not an example", partition=0)
+        sink.flush()
     offsets = tmp_path / "offsets.json"
     via_kafka = monolith("train", "--source", "kafka", "--bootstrap-servers", bs, "--topic",
                          topic, "--batch-size", size, "--end-of-stream", "--offsets",
-                         str(offsets))
+                         str(offsets), "--dead-letter-topic", topic + "-dlq")
+    assert via_kafka["dead_letters"] == 1  # counted, dead-lettered, training went on
     from monolith_py.datasets import load_movielens
     from streaming.train import TrainSettings, train_stream
 
@@ -85,7 +90,7 @@ def test_train_from_kafka_matches_training_from_the_file(kafka_broker, tmp_path:
     assert via_kafka["trained_examples"] == via_file["trained_examples"] == 3000
     assert via_kafka["auc"] == pytest.approx(via_file["auc"], abs=1e-9)
     assert via_kafka["log_loss"] == pytest.approx(via_file["log_loss"], abs=1e-9)
-    assert json.loads(offsets.read_text()) == {"0": 12}
+    assert json.loads(offsets.read_text()) == {"0": 13}  # past the poison message
     # resuming from the offsets file finds nothing new to train on
     again = subprocess.run(
         [sys.executable, "-m", "monolith_py.cli", "train", "--bootstrap-servers", bs,
