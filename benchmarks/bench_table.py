@@ -64,6 +64,15 @@ def _best(fn: Any, repeat: int) -> float:
     return best
 
 
+def _loadavg() -> float | None:
+    """1-minute load average (other work on the machine skews every number)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _mch_remap_seconds(keys: Any, queries: Any, repeat: int) -> float:
     import torch
     from torchrec.modules.mc_modules import DistanceLFU_EvictionPolicy, MCHManagedCollisionModule
@@ -92,6 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from monolith_py.table import CuckooHashMap
 
     n = int(args.keys)
+    load_before = _loadavg()
     rng = np.random.default_rng(args.seed)
     keys = np.unique(rng.integers(-(2**63) + 1, 2**63 - 1, int(n * 1.01) + 16))
     keys = rng.permutation(keys)[:n]
@@ -177,6 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_factor_reserved": reserved.load_factor,
         "growths": m.grow_count,
         "threads": threads,
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
         "machine": machine_info(),
     }
     result["find_vs_dict"] = result["find_mops"] / result["dict_find_mops"]
