@@ -9,7 +9,8 @@ Known broker quirks (Tansu 0.6.0 with kafka-python 3.0): consumer-group ``subscr
 hangs, so every consumer here assigns partitions explicitly; ``ListOffsets(latest)``
 returns the base offset of the last record *batch* plus one, which undercounts the end of
 a partition written in multi-record batches, so end-of-stream detection and lag also use
-the high watermark of fetch responses (correct on this broker and on Kafka).
+the high watermark of fetch responses (correct on this broker and on Kafka); a fetch with
+``fetch_min_bytes > 1`` never returns data, so consumers here keep the default of 1.
 
 Example::
 
