@@ -385,16 +385,18 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m.get(k) for k in keys}
 
 
-# -- trainer (multi-process: the parameter-server issue) ----------------------------------
+# -- trainer (multi-process: trainers x PS shards; logic in streaming/trainer.py) ---------
 def register_trainer(subparsers: Any) -> None:
+    from streaming.trainer import add_arguments
+
     p = subparsers.add_parser(
-        "trainer", help="(not yet) one trainer of a multi-process job with PS shards")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+        "trainer", help="one trainer of a multi-process job (Kafka partitions, PS shards, "
+                        "gloo data-parallel dense layers)")
+    add_arguments(p)
     p.set_defaults(func=_trainer)
 
 
-def _trainer(_: argparse.Namespace) -> int:
-    print("monolith trainer: multi-process training with parameter-server shards is part of "
-          "the PS issue and not available yet; use `monolith train` (single process).",
-          file=sys.stderr)
-    return 2
+def _trainer(args: argparse.Namespace) -> int:
+    from streaming.trainer import main
+
+    return main(args)

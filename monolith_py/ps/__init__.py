@@ -7,7 +7,7 @@ See ``docs/design/0005-parameter-server.md``::
 """
 
 from monolith_py.ps.client import ClientOptions, PSClient, parse_addresses
-from monolith_py.ps.dense import DataParallelOptimizer
+from monolith_py.ps.dense import DataParallelOptimizer, broadcast_parameters
 from monolith_py.ps.local import ShardedBackend
 from monolith_py.ps.routing import ROUTING_VERSION, route, shard_of
 from monolith_py.ps.server import PSServer
@@ -21,6 +21,7 @@ __all__ = [
     "PSShard",
     "ROUTING_VERSION",
     "ShardedBackend",
+    "broadcast_parameters",
     "parse_addresses",
     "route",
     "shard_of",

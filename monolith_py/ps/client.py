@@ -58,6 +58,7 @@ from monolith_py.ps import _router
 from monolith_py.ps._memory import retain_freed_memory
 from monolith_py.ps.routing import ROUTING_VERSION
 from monolith_py.ps.server import channel_options
+from monolith_py.ps.shard import table_config_dict
 from monolith_py.table import TableConfig
 
 __all__ = ["ClientOptions", "PSClient", "parse_addresses"]
@@ -302,11 +303,22 @@ class PSClient:
             dims = got
         assert dims is not None
         if self._tables is not None:
+            ref = infos[0].get("tables", {})
             for t in self._tables:
                 if dims.get(t.name) != t.dim:
                     raise ConfigError(
                         f"table {t.name!r} (dim {t.dim}) is not on the shards as configured: "
                         f"they hold {dims}; start the shards with the same job config")
+                mine = table_config_dict(t)
+                theirs = ref.get(t.name, {}).get("config")
+                if isinstance(theirs, dict) and theirs != mine:
+                    diff = sorted(k for k in set(mine) | set(theirs)
+                                  if mine.get(k) != theirs.get(k))
+                    raise ConfigError(
+                        f"table {t.name!r} differs between this trainer and the PS shards in "
+                        f"{diff} (trainer: {[mine.get(k) for k in diff]}, shards: "
+                        f"{[theirs.get(k) for k in diff]}); start every role with the same "
+                        "job config")
         self._dims = dims
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -32,9 +33,22 @@ from monolith_py.errors import InvalidInputError, InvalidTypeError
 from monolith_py.ps.routing import ROUTING_VERSION, first_foreign, shard_of
 from monolith_py.table import EmbeddingTable, TableConfig
 
-__all__ = ["PSShard"]
+__all__ = ["PSShard", "table_config_dict"]
 
 _STATE_FORMAT = "monolith.ps_shard.v1"
+
+
+def table_config_dict(config: TableConfig) -> dict[str, Any]:
+    """A table's config as plain JSON values (what a shard reports and a client compares:
+    a trainer whose table settings differ from the shards' is refused at connect)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(config))  # type: ignore[no-any-return]
 
 
 def _as_keys(table: str, keys: Any) -> np.ndarray:
@@ -159,7 +173,7 @@ class PSShard:
             "shard_id": self._shard_id,
             "num_shards": self._num_shards,
             "routing_version": ROUTING_VERSION,
-            "tables": {name: {"dim": t.dim, "optimizer": t.config.optimizer.kind}
+            "tables": {name: {"dim": t.dim, "config": table_config_dict(t.config)}
                        for name, t in self._tables.items()},
         }
 
