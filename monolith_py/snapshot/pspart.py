@@ -167,6 +167,7 @@ class ShardCapturer:
             plan_rows: list[tuple[int, np.ndarray, np.ndarray]] = []
             smalls: list[dict[str, np.ndarray]] = []
             rows_total = 0
+            state_format = _gather.table_state_format()
             for i, (name, table) in enumerate(tables.items()):
                 v = views[name]
                 assert v is not None
@@ -182,7 +183,7 @@ class ShardCapturer:
                 slots = {s: int(a.shape[1]) for s, a in v.slots.items()}
                 specs += _table_specs(i, table.dim, slots, nd,
                                       nl if kind == "inc" else None, small)
-                tmeta.append({"name": name, "dim": int(table.dim),
+                tmeta.append({"name": name, "dim": int(table.dim), "format": state_format,
                               "optimizer": table.config.optimizer.kind, "slots": slots,
                               "version": v.version, "clock": v.clock, "counters": v.counters,
                               "size": int(nl), "since": int(since), "sorted": False})
@@ -253,6 +254,7 @@ def _plan_state(state: Mapping[str, Any], snapshot_id: int, step: int,
         specs += _table_specs(i, int(dim), slots, int(n), None,
                               {k: np.asarray(v) for k, v in small.items()})
         tmeta.append({"name": name, "dim": int(dim), "optimizer": sd["optimizer"],
+                      "format": sd["format"],
                       "slots": slots, "version": int(sd["version"]), "clock": int(sd["clock"]),
                       "counters": {c: int(sd[f"stat.{c}"]) for c in _COUNTERS},
                       "size": int(n), "since": -1, "sorted": True})
@@ -303,6 +305,7 @@ class TablePart:
     name: str
     dim: int
     optimizer: str
+    format: str
     meta: np.ndarray
     weights: np.ndarray
     slots: dict[str, np.ndarray]
@@ -395,7 +398,8 @@ def decode_part(buf: Any) -> DecodedPart:
             sl[s] = a
         live = arr("live", np.int64, 1, optional=kind == "full")
         tp = TablePart(
-            name=name, dim=dim, optimizer=str(t.get("optimizer")), meta=m, weights=w,
+            name=name, dim=dim, optimizer=str(t.get("optimizer")),
+            format=str(t.get("format")), meta=m, weights=w,
             slots=sl, live=live if kind == "inc" else None,
             pending=arr("pending", np.int64, 1), deleted_keys=arr("dk", np.int64, 1),
             deleted_versions=arr("dv", np.int64, 1),
@@ -419,7 +423,7 @@ def decode_part(buf: Any) -> DecodedPart:
 def _table_state(tp: TablePart, keys: np.ndarray, meta: np.ndarray, weights: np.ndarray,
                  slots: Mapping[str, np.ndarray]) -> dict[str, Any]:
     sd: dict[str, Any] = {
-        "format": _gather.table_state_format(), "name": tp.name, "dim": tp.dim,
+        "format": tp.format, "name": tp.name, "dim": tp.dim,
         "optimizer": tp.optimizer, "keys": keys, "weights": weights,
         "last_update": np.ascontiguousarray(meta[:, 1]),
         "update_count": np.ascontiguousarray(meta[:, 2]),

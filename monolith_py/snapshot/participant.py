@@ -1,0 +1,421 @@
+"""Participants: the PS shard and trainer ends of a snapshot.
+
+:class:`PSParticipant` wraps a :class:`~monolith_py.ps.PSShard`. ``capture`` holds the shard
+lock only while the changed rows are copied into a segment leased from the host's SMP
+(pre-faulted, reused); the frame checksum, the commit and the lease of the next segment
+happen afterwards on a background thread, while training goes on. It is served on the PS
+port (service ``monolith.snapshot.v1.Participant``: ``Capture``, ``Restore``, ``State``) so
+the coordinator can trigger it; ``monolith ps --smp ...`` wires it up.
+
+:class:`TrainerParticipant` captures whatever ``state_fn()`` returns (see
+:func:`trainer_state`: trainer, Kafka offsets, ledger, RNGs, joiner) and ships it as bytes.
+
+Both restore through :class:`~monolith_py.snapshot.recovery.Recovery` (local SMP, then
+erasure decode from peers, then disk) and then forget their increment bases, so the next
+capture after a restore is full.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+
+from monolith_py.errors import DecodeError, InvalidInputError, MonolithError, SnapshotError
+from monolith_py.observe.metrics import histogram
+from monolith_py.snapshot.manifest import check_participant
+from monolith_py.snapshot.pspart import CapturedPart, ShardCapturer
+from monolith_py.snapshot.recovery import PartSource, Recovery, Restored
+from monolith_py.snapshot.shm import attach
+from monolith_py.snapshot.trainerpart import encode_trainer_part
+from monolith_py.testing.faults import fault_point
+from monolith_py.wire import decode_arrays, encode_arrays
+
+__all__ = ["PSParticipant", "TrainerParticipant", "ParticipantClient", "trainer_state",
+           "load_trainer_state", "PARTICIPANT_SERVICE"]
+
+log = logging.getLogger("monolith.snapshot.participant")
+
+PARTICIPANT_SERVICE = "monolith.snapshot.v1.Participant"
+_MIN_LEASE = 1 << 20
+
+
+class _Shipper:
+    """Background thread that finishes and commits captured parts, one at a time."""
+
+    def __init__(self, name: str, fn: Callable[[Any], None]) -> None:
+        self._q: queue.Queue[Any] = queue.Queue()
+        self._fn = fn
+        self._idle = threading.Event()
+        self._idle.set()
+        self.errors: list[str] = []
+        self._t = threading.Thread(target=self._run, name=f"ship-{name}", daemon=True)
+        self._t.start()
+
+    def put(self, item: Any) -> None:
+        self._idle.clear()
+        self._q.put(item)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            try:
+                self._fn(item)
+            except Exception as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                log.warning("shipping a part failed: %s: %s", type(exc).__name__, exc)
+            finally:
+                if self._q.empty():
+                    self._idle.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._idle.wait(timeout_s)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._t.join(timeout=30)
+
+
+class PSParticipant:
+    """The snapshot end of one PS shard.
+
+    Args:
+        shard: the :class:`~monolith_py.ps.PSShard`.
+        smp: this host's SMP (an :class:`~monolith_py.snapshot.smp.SMPClient` or a
+            :class:`~monolith_py.snapshot.store.SnapshotStore` in-process).
+        host_id: this host's index (home of the shard's parts).
+        group: ``{host: PartSource}`` of every SMP of the group (for restores).
+        checkpoint_dir, job: for restores (disk fallback, manifest filter).
+    """
+
+    def __init__(self, shard: Any, smp: Any, host_id: int, *,
+                 group: Mapping[int, PartSource] | None = None,
+                 checkpoint_dir: str | None = None, job: str | None = None) -> None:
+        self.shard = shard
+        self.smp = smp
+        self.host_id = int(host_id)
+        self.group = dict(group or {host_id: smp})
+        self.checkpoint_dir = checkpoint_dir
+        self.job = job
+        self.name = check_participant(f"ps/{shard.shard_id}")
+        self.capturer = ShardCapturer(shard)
+        self._lease: dict[str, Any] | None = None
+        self._mapping: Any = None
+        self._lease_lock = threading.Lock()
+        self._next_lease = 0
+        self._inc_sizes: list[int] = []
+        self._mu = threading.Lock()
+        self._shipper = _Shipper(self.name, self._ship)
+        self.last: dict[str, Any] = {}
+        self._stall = histogram("monolith_snapshot_stall_seconds",
+                                "Time training is blocked by a snapshot capture.",
+                                ["participant"]).labels(self.name)
+
+    # -- leases ------------------------------------------------------------------------------------
+
+    def _take_lease(self, nbytes: int) -> Any:
+        """``alloc`` for the capturer: the leased segment if it is big enough."""
+        with self._lease_lock:
+            if self._lease is not None and nbytes <= int(self._lease["capacity"]):
+                return self._mapping.view
+        return None
+
+    def _renew_lease(self, nbytes: int) -> None:
+        with self._lease_lock:
+            self._drop_lease_locked()
+            lease = self.smp.lease(self.name, max(_MIN_LEASE, int(nbytes)))
+            self._mapping = attach(lease["path"], int(lease["capacity"]), writable=True,
+                                   directory=lease.get("directory"))
+            self._lease = lease
+
+    def _drop_lease_locked(self) -> None:
+        if self._mapping is not None:
+            self._mapping.close()
+        self._mapping, self._lease = None, None
+
+    # -- capture -----------------------------------------------------------------------------------
+
+    def capture(self, snapshot_id: int, step: int, base_id: int | None) -> dict[str, Any]:
+        """Take this shard's part of the cut (returns once the lock is released; the part
+        is committed to the SMP in the background)."""
+        with self._mu:
+            fault_point("ps.capture")
+            part = self.capturer.capture(snapshot_id, step, base_id, alloc=self._take_lease,
+                                         extra_meta={"participant": self.name})
+            self._stall.observe(part.stall_s)
+            lease = mapping = None
+            with self._lease_lock:
+                if self._mapping is not None and part.buffer is self._mapping.view:
+                    lease, mapping = self._lease, self._mapping  # handed over with the part
+                    self._lease, self._mapping = None, None
+            self.last = {"snapshot_id": snapshot_id, "kind": part.kind, "rows": part.rows,
+                         "nbytes": part.nbytes, "stall_s": part.stall_s, "home": self.host_id,
+                         "base_id": part.base_id, "leased": lease is not None}
+            self._shipper.put((part, lease, mapping))
+            return dict(self.last)
+
+    def _ship(self, item: tuple[CapturedPart, dict[str, Any] | None, Any]) -> None:
+        part, lease, mapping = item
+        part.finish()
+        nbytes, kind = part.nbytes, part.kind
+        fault_point("ps.commit")
+        if lease is not None:
+            try:
+                self.smp.commit(self.name, lease["segment"], nbytes)
+            except InvalidInputError as exc:  # the SMP restarted: its leases are gone
+                log.info("%s: lease lost (%s); copying the part into a new one", self.name, exc)
+                self._commit_copy(part)
+            del part, item
+            mapping.close()
+        elif nbytes < (48 << 20):
+            self.smp.put_part(self.name, part.frame())
+        else:
+            self._commit_copy(part)
+        if kind == "inc":
+            self._inc_sizes = (self._inc_sizes + [nbytes])[-4:]
+            nxt = int(1.5 * max(self._inc_sizes))
+        else:
+            nxt = int(0.5 * nbytes)
+        self._renew_lease(nxt)
+
+    def _commit_copy(self, part: CapturedPart) -> None:
+        lease = self.smp.lease(self.name, part.nbytes)
+        m = attach(lease["path"], int(lease["capacity"]), writable=True,
+                   directory=lease.get("directory"))
+        try:
+            m.view[: part.nbytes] = part.frame()
+        finally:
+            m.close()
+        self.smp.commit(self.name, lease["segment"], part.nbytes)
+
+    def wait_shipped(self, timeout_s: float = 60.0) -> None:
+        """Block until every captured part was handed to the SMP."""
+        if not self._shipper.wait(timeout_s):
+            raise SnapshotError(f"{self.name}: parts not shipped within {timeout_s} s")
+
+    # -- restore -----------------------------------------------------------------------------------
+
+    def restore(self, snapshot_id: int | None = None, num_shards: int | None = None) -> Restored:
+        """Load the shard's state at ``snapshot_id`` (``None``: newest that rebuilds)."""
+        rec = Recovery(self.group, self.host_id, checkpoint_dir=self.checkpoint_dir,
+                       job=self.job)
+        try:
+            restored = rec.restore(self.name, snapshot_id,
+                                   num_shards=num_shards or self.shard.num_shards)
+            self.shard.load_state_dict(restored.state)
+        finally:
+            rec.close()
+        self.capturer.forget()
+        return restored
+
+    # -- gRPC --------------------------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The ``monolith.snapshot.v1.Participant`` service for the PS server."""
+        def wrap(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+            def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+                try:
+                    _, meta = decode_arrays(request, require_checksum=True)
+                    return encode_arrays({}, fn(meta))
+                except (DecodeError, InvalidInputError) as exc:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:4000])
+                except MonolithError as exc:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"{type(exc).__name__}: {exc}"[:4000])
+                return b""  # pragma: no cover
+            return grpc.unary_unary_rpc_method_handler(handle)
+
+        return grpc.method_handlers_generic_handler(PARTICIPANT_SERVICE, {
+            "Capture": wrap(self._rpc_capture), "Restore": wrap(self._rpc_restore),
+            "LoadCheckpoint": wrap(self._rpc_load_checkpoint),
+            "Digest": wrap(self._rpc_digest)})
+
+    def _rpc_capture(self, m: dict[str, Any]) -> dict[str, Any]:
+        sid, step, base = m.get("snapshot_id"), m.get("step"), m.get("base_id")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (sid, step)):
+            raise InvalidInputError("snapshot_id and step must be ints >= 0")
+        if base is not None and (not isinstance(base, int) or isinstance(base, bool)):
+            raise InvalidInputError("base_id must be an int or null")
+        return self.capture(sid, step, base)  # type: ignore[arg-type]
+
+    def _rpc_restore(self, m: dict[str, Any]) -> dict[str, Any]:
+        sid = m.get("snapshot_id")
+        if sid is not None and (not isinstance(sid, int) or isinstance(sid, bool)):
+            raise InvalidInputError("snapshot_id must be an int or null")
+        r = self.restore(sid)
+        return {"snapshot_id": r.snapshot_id, "step": r.step, "source": r.source,
+                "log": r.log[-20:]}
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Load a universal checkpoint (any source shard count) into the shard."""
+        from monolith_py.snapshot.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        self.shard.load_state_dict(ckpt.shard_state(self.shard.shard_id, self.shard.num_shards))
+        self.capturer.forget()
+        return {"shard": self.shard.shard_id, "snapshot_id": ckpt.snapshot_id,
+                "step": ckpt.step, "source_shards": ckpt.num_shards,
+                "keys": {n: len(t) for n, t in self.shard.tables.items()}}
+
+    def _rpc_load_checkpoint(self, m: dict[str, Any]) -> dict[str, Any]:
+        path = m.get("path")
+        if not isinstance(path, str) or not path:
+            raise InvalidInputError("'path' must be a checkpoint directory")
+        return self.load_checkpoint(path)
+
+    def _rpc_digest(self, m: dict[str, Any]) -> dict[str, Any]:
+        from monolith_py.testing.state import state_digest
+
+        return {"digest": state_digest(self.shard.state_dict())}
+
+    def close(self) -> None:
+        self._shipper.close()
+        with self._lease_lock:
+            self._drop_lease_locked()
+
+
+class ParticipantClient:
+    """The coordinator's handle on a remote :class:`PSParticipant` (on a PS address)."""
+
+    def __init__(self, name: str, address: str, timeout_s: float = 60.0) -> None:
+        self.name = check_participant(name)
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address)
+
+    def _call(self, method: str, meta: Mapping[str, Any], timeout_s: float | None = None
+              ) -> dict[str, Any]:
+        from monolith_py.errors import UnavailableError
+
+        stub = self._channel.unary_unary(f"/{PARTICIPANT_SERVICE}/{method}")
+        try:
+            raw = stub(encode_arrays({}, dict(meta)), timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            msg = f"{self.name} at {self.address} {method}: {exc.details() if hasattr(exc, 'details') else exc}"
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                        grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise UnavailableError(msg) from None
+            raise SnapshotError(msg) from None
+        return decode_arrays(raw, require_checksum=True)[1]
+
+    def capture(self, snapshot_id: int, step: int, base_id: int | None) -> dict[str, Any]:
+        return self._call("Capture", {"snapshot_id": snapshot_id, "step": step,
+                                      "base_id": base_id})
+
+    def restore(self, snapshot_id: int | None = None) -> dict[str, Any]:
+        return self._call("Restore", {"snapshot_id": snapshot_id}, timeout_s=600.0)
+
+    def digest(self) -> str:
+        return str(self._call("Digest", {})["digest"])
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        return self._call("LoadCheckpoint", {"path": path}, timeout_s=600.0)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+# -- trainers ------------------------------------------------------------------------------------
+
+def trainer_state(trainer: Any = None, source: Any = None, ledger: Any = None,
+                  joiner: Any = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a trainer snapshots: ``trainer.state_dict()`` (dense model and optimizer, torch
+    RNG, metrics, counters), ``source.state_dict()`` (next offset per partition),
+    ``ledger.state_dict()``, numpy and python RNG states, ``joiner.state_dict()``."""
+    out: dict[str, Any] = {"rng": {"numpy": np.random.get_state(), "python": random.getstate()}}
+    if trainer is not None:
+        out["trainer"] = trainer.state_dict()
+    if source is not None:
+        out["offsets"] = {int(p): int(o) for p, o in source.state_dict().items()}
+    if ledger is not None:
+        out["ledger"] = ledger.state_dict()
+    if joiner is not None:
+        out["joiner"] = joiner.state_dict()
+    if extra:
+        out["extra"] = dict(extra)
+    return out
+
+
+def load_trainer_state(state: Mapping[str, Any], trainer: Any = None, source: Any = None,
+                       ledger: Any = None, joiner: Any = None) -> None:
+    """Inverse of :func:`trainer_state` (components not given are skipped)."""
+    rng = state.get("rng", {})
+    if "numpy" in rng:
+        np.random.set_state(rng["numpy"])
+    if "python" in rng:
+        random.setstate(rng["python"])
+    for name, obj in (("trainer", trainer), ("offsets", source), ("ledger", ledger),
+                      ("joiner", joiner)):
+        if obj is not None:
+            if name not in state:
+                raise InvalidInputError(f"trainer snapshot has no {name!r} state")
+            obj.load_state_dict(state[name])
+
+
+class TrainerParticipant:
+    """The snapshot end of a trainer (any process whose state fits in memory twice).
+
+    Args:
+        name: ``trainer/<rank>``.
+        smp: this host's SMP (client or in-process store).
+        host_id: this host's index.
+        state_fn: returns the state to snapshot (e.g. ``lambda: trainer_state(...)``).
+        load_fn: loads a restored state.
+        group, checkpoint_dir, job: for restores.
+    """
+
+    def __init__(self, name: str, smp: Any, host_id: int, state_fn: Callable[[], Mapping[str, Any]],
+                 load_fn: Callable[[Mapping[str, Any]], None], *,
+                 group: Mapping[int, PartSource] | None = None,
+                 checkpoint_dir: str | None = None, job: str | None = None) -> None:
+        self.name = check_participant(name)
+        self.smp = smp
+        self.host_id = int(host_id)
+        self.state_fn = state_fn
+        self.load_fn = load_fn
+        self.group = dict(group or {host_id: smp})
+        self.checkpoint_dir = checkpoint_dir
+        self.job = job
+        self._shipper = _Shipper(self.name, self._ship)
+        self.last: dict[str, Any] = {}
+
+    def capture(self, snapshot_id: int, step: int, base_id: int | None = None) -> dict[str, Any]:
+        """Encode the state now (a copy: the cut) and ship it in the background."""
+        t0 = time.perf_counter()
+        fault_point("trainer.capture")
+        frame = encode_trainer_part(self.state_fn(), self.name, snapshot_id, step)
+        stall = time.perf_counter() - t0
+        self._shipper.put(frame)
+        self.last = {"snapshot_id": snapshot_id, "kind": "full", "nbytes": len(frame),
+                     "stall_s": stall, "home": self.host_id, "base_id": -1}
+        return dict(self.last)
+
+    def _ship(self, frame: bytes) -> None:
+        fault_point("trainer.commit")
+        self.smp.put_part(self.name, frame)
+
+    def wait_shipped(self, timeout_s: float = 60.0) -> None:
+        if not self._shipper.wait(timeout_s):
+            raise SnapshotError(f"{self.name}: part not shipped within {timeout_s} s")
+
+    def restore(self, snapshot_id: int | None = None) -> Restored:
+        rec = Recovery(self.group, self.host_id, checkpoint_dir=self.checkpoint_dir, job=self.job)
+        try:
+            restored = rec.restore(self.name, snapshot_id)
+        finally:
+            rec.close()
+        self.load_fn(restored.state)
+        return restored
+
+    def close(self) -> None:
+        self._shipper.close()

@@ -1,0 +1,224 @@
+"""Shared-memory segments owned by an SMP: files in a tmpfs directory, mapped by both sides.
+
+An SMP keeps every part and block it stores in a :class:`Segment` — a file under its own
+directory (default ``/dev/shm/monolith-<job>-h<host>``) mapped with ``MAP_POPULATE``.
+Segments are recycled: a freed segment keeps its pages and is handed out again for a
+request of similar size, so the copy into it runs at memcpy speed instead of paying a page
+fault per 4 KiB (1.5–3.5 s per GB on the machines we measured). A participant on the same
+host maps a leased segment by path (:func:`attach`) and writes its part directly into it.
+
+Files, not ``multiprocessing.shared_memory``: the latter's resource tracker unlinks
+segments when an attaching process exits (Python < 3.13), and an SMP must decide alone.
+A restarted SMP removes what a previous incarnation left in its directory.
+
+Example::
+
+    >>> import tempfile
+    >>> pool = SegmentPool(tempfile.mkdtemp())
+    >>> seg = pool.create(10_000)
+    >>> with attach(seg.path, seg.capacity) as m:
+    ...     m[:5] = b"hello"
+    >>> bytes(seg.view[:5])
+    b'hello'
+    >>> pool.release(seg); pool.close()
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from monolith_py.errors import ConfigError, InvalidInputError
+
+__all__ = ["Segment", "SegmentPool", "attach", "default_shm_root", "SEGMENT_NAME"]
+
+log = logging.getLogger("monolith.snapshot.shm")
+
+SEGMENT_NAME = re.compile(r"^seg-[0-9]{1,12}-[0-9a-f]{8}$")
+_PAGE = mmap.PAGESIZE
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def default_shm_root() -> str:
+    """``/dev/shm`` when it exists (tmpfs), else the temp directory."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
+
+
+def _round(n: int) -> int:
+    return max(_PAGE, -(-int(n) // _PAGE) * _PAGE)
+
+
+def _map(fd: int, size: int, writable: bool) -> mmap.mmap:
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
+
+
+@dataclass(eq=False)
+class Segment:
+    """One mapped file. ``view`` is a writable ``memoryview`` of ``capacity`` bytes."""
+
+    name: str
+    path: str
+    capacity: int
+    _mm: mmap.mmap = field(repr=False)
+    view: memoryview = field(repr=False)
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self._mm.close()
+        except (BufferError, ValueError):
+            pass  # a view is still exported; the mapping goes with the process
+
+
+class SegmentPool:
+    """Creates, recycles and removes the segments of one SMP.
+
+    Args:
+        directory: where segment files live (created; emptied of old segments).
+        keep_free_bytes: bytes of released segments kept for reuse (the rest is removed).
+    """
+
+    def __init__(self, directory: str, keep_free_bytes: int = 4 << 30) -> None:
+        self.directory = os.path.abspath(directory)
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the segment directory {directory!r}: {exc}") from exc
+        removed = 0
+        for name in os.listdir(self.directory):
+            if SEGMENT_NAME.match(name):
+                os.unlink(os.path.join(self.directory, name))
+                removed += 1
+        if removed:
+            log.info("removed %d segments left by a previous SMP in %s", removed, self.directory)
+        self.keep_free_bytes = int(keep_free_bytes)
+        self._free: list[Segment] = []
+        self._live: dict[str, Segment] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # -- allocation ---------------------------------------------------------------------------
+
+    def create(self, nbytes: int) -> Segment:
+        """A segment of at least ``nbytes`` (a recycled one if its size fits within 2x)."""
+        if nbytes < 0:
+            raise InvalidInputError(f"segment size must be >= 0, got {nbytes}")
+        want = _round(nbytes)
+        with self._lock:
+            best = None
+            for seg in self._free:
+                if want <= seg.capacity <= 2 * want and (best is None or seg.capacity < best.capacity):
+                    best = seg
+            if best is not None:
+                self._free.remove(best)
+                self._live[best.name] = best
+                return best
+        seg = self._new(want)
+        with self._lock:
+            self._live[seg.name] = seg
+        return seg
+
+    def _new(self, size: int) -> Segment:
+        name = f"seg-{next(self._ids)}-{os.urandom(4).hex()}"
+        path = os.path.join(self.directory, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            try:
+                os.posix_fallocate(fd, 0, size)  # reserve the pages now, not on first write
+            except OSError as exc:
+                os.unlink(path)
+                raise ConfigError(
+                    f"cannot reserve {size} bytes of shared memory in {self.directory}: {exc}; "
+                    "free memory or lower the snapshot retention (keep)") from exc
+            mm = _map(fd, size, writable=True)
+        finally:
+            os.close(fd)
+        return Segment(name, path, size, mm, memoryview(mm))
+
+    def get(self, name: str) -> Segment | None:
+        with self._lock:
+            return self._live.get(name)
+
+    def release(self, seg: Segment) -> None:
+        """Return ``seg`` for reuse (or remove it when enough free memory is kept)."""
+        with self._lock:
+            if self._live.pop(seg.name, None) is None:
+                return
+            kept = sum(s.capacity for s in self._free)
+            if kept + seg.capacity <= self.keep_free_bytes:
+                self._free.append(seg)
+                return
+        self._remove(seg)
+
+    def _remove(self, seg: Segment) -> None:
+        seg.close()
+        try:
+            os.unlink(seg.path)
+        except FileNotFoundError:
+            pass
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"live_segments": len(self._live),
+                    "live_bytes": sum(s.capacity for s in self._live.values()),
+                    "free_segments": len(self._free),
+                    "free_bytes": sum(s.capacity for s in self._free)}
+
+    def close(self, remove_directory: bool = False) -> None:
+        """Unmap and remove every segment."""
+        with self._lock:
+            segs = list(self._live.values()) + self._free
+            self._live.clear()
+            self._free = []
+        for seg in segs:
+            self._remove(seg)
+        if remove_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _Attached:
+    def __init__(self, mm: mmap.mmap) -> None:
+        self.mm = mm
+        self.view = memoryview(mm)
+
+    def __enter__(self) -> memoryview:
+        return self.view
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.mm.close()
+        except (BufferError, ValueError):
+            pass
+
+
+def attach(path: str, capacity: int, writable: bool = True, *,
+           directory: str | None = None) -> _Attached:
+    """Map a segment file (``MAP_POPULATE``: its pages are mapped now, not while the
+    caller holds a lock). ``directory`` (if given) must contain ``path``; names are
+    checked, so a hostile answer cannot make us map an arbitrary file."""
+    name = os.path.basename(path)
+    if not SEGMENT_NAME.match(name):
+        raise InvalidInputError(f"not a segment name: {name!r}")
+    if directory is not None and os.path.dirname(os.path.abspath(path)) != os.path.abspath(directory):
+        raise InvalidInputError(f"segment {path!r} lies outside {directory!r}")
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size < capacity:
+            raise InvalidInputError(f"segment {name} has {size} bytes, expected {capacity}")
+        return _Attached(_map(fd, capacity, writable))
+    finally:
+        os.close(fd)

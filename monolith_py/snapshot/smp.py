@@ -1,0 +1,426 @@
+"""The SMP over gRPC: :class:`SMPServer` (a :class:`SnapshotStore` behind a generic handler)
+and :class:`SMPClient` (participants, the coordinator, peers and recovery all use it).
+
+Service ``monolith.snapshot.v1.SMP``; every request and answer is a wire frame (arrays plus
+JSON meta, crc32c checked) — no protobuf, no pickle:
+
+============  ==========================================  ===============================
+method        request meta (arrays)                       answer meta (arrays)
+============  ==========================================  ===============================
+Lease         participant, nbytes                         segment, path, capacity, directory
+Commit        participant, segment, nbytes                key
+PutPart       participant (data)                          key
+WaitPart      participant, snapshot_id, kind, timeout_s   record
+PutBlock      a block chunk frame (see ``store``)         (empty)
+GetBlock      participant, snapshot_id, kind, index,      found (data)
+              offset, length
+PartLocation  participant, snapshot_id, kind              location or null
+ReadPart      ... , offset, length                        found (data)
+Seal          (manifest)                                  snapshot_id
+PutRecord     record                                      (empty)
+Catalog       (empty)                                     records (m0, m1, ...)
+Stats         (empty)                                     stats
+============  ==========================================  ===============================
+
+Bad requests get ``INVALID_ARGUMENT`` (and are counted by the store); a missing peer is
+``UNAVAILABLE`` on the client side (:class:`~monolith_py.errors.UnavailableError`).
+
+Example::
+
+    >>> server = SMPServer(SMPConfig(job="doc", num_hosts=1, k=1, m=1), port=0).start()  # doctest: +SKIP
+    >>> SMPClient(server.address).stats()["host"]                                          # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+
+from monolith_py.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    DecodeError,
+    InvalidInputError,
+    MonolithError,
+    SnapshotError,
+    UnavailableError,
+)
+from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
+from monolith_py.snapshot.store import BlockKey, SMPConfig, SnapshotStore
+from monolith_py.wire import WireLimits, decode_arrays, encode_arrays
+
+__all__ = ["SMPServer", "SMPClient", "GrpcPeers", "SERVICE", "MAX_MESSAGE_BYTES",
+           "smp_clients"]
+
+log = logging.getLogger("monolith.snapshot.smp")
+
+SERVICE = "monolith.snapshot.v1.SMP"
+MAX_MESSAGE_BYTES = 64 << 20
+_CHUNK = 16 << 20
+_LIMITS = WireLimits(max_header_bytes=4 << 20, max_arrays=1 << 16,
+                     max_total_bytes=MAX_MESSAGE_BYTES, max_ndim=2)
+_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.so_reuseport", 0)]
+
+
+def _frame(meta: Mapping[str, Any] | None = None, **arrays: Any) -> bytes:
+    return encode_arrays({k: np.frombuffer(v, dtype=np.uint8) if isinstance(v, (bytes, bytearray, memoryview)) else v
+                          for k, v in arrays.items()}, dict(meta or {}))
+
+
+def _key(meta: Mapping[str, Any]) -> PartKey:
+    try:
+        sid, kind = int(meta["snapshot_id"]), str(meta["kind"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInputError(f"request lacks snapshot_id/kind: {exc}") from exc
+    if kind not in ("full", "inc") or sid < 0:
+        raise InvalidInputError(f"bad part key {sid}/{kind}")
+    return (check_participant(meta.get("participant")), sid, kind)
+
+
+def _int(meta: Mapping[str, Any], name: str, lo: int = 0) -> int:
+    v = meta.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise InvalidInputError(f"{name!r} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+class SMPServer:
+    """Serve a :class:`SnapshotStore` on ``host:port`` (port 0: a free one).
+
+    Args:
+        config: the store's :class:`SMPConfig`.
+        peers: SMP addresses of the group by host index (``peers[config.host_id]`` is
+            ignored); used to place blocks and broadcast compaction records.
+        checkpoint_dir: passed to compaction's recovery when a chain is not all local.
+    """
+
+    def __init__(self, config: SMPConfig, port: int = 0, host: str = "127.0.0.1", *,
+                 peers: Sequence[str] = (), max_workers: int = 8) -> None:
+        self.config = config
+        self.host = host
+        peer_map = {i: a for i, a in enumerate(peers) if i != config.host_id and a}
+        if config.m > 1 and len(peer_map) < config.num_hosts - 1:
+            raise ConfigError(
+                f"SMP {config.host_id}: give the addresses of all {config.num_hosts} hosts "
+                f"(--peers), got {list(peers)}")
+        self.peers = GrpcPeers(peer_map) if peer_map else None
+        self.store = SnapshotStore(config, self.peers, chain_reader=self._chain_reader)
+        handlers = {
+            "Lease": self._lease, "Commit": self._commit, "PutPart": self._put_part,
+            "WaitPart": self._wait_part, "PutBlock": self._put_block,
+            "GetBlock": self._get_block, "PartLocation": self._part_location,
+            "ReadPart": self._read_part, "Seal": self._seal, "PutRecord": self._put_record,
+            "Catalog": self._catalog, "Stats": self._stats,
+        }
+        generic = grpc.method_handlers_generic_handler(SERVICE, {
+            name: grpc.unary_unary_rpc_method_handler(self._wrap(name, fn))
+            for name, fn in handlers.items()})
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers,
+                                       thread_name_prefix=f"smp{config.host_id}"),
+            handlers=[generic], options=_OPTIONS)
+        self.port = self._server.add_insecure_port(f"{host}:{int(port)}")
+        if self.port == 0:
+            self.store.close()
+            raise ConfigError(f"SMP cannot listen on {host}:{port}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> SMPServer:
+        self._server.start()
+        log.info("SMP host %d of job %s serving on %s (k=%d, m=%d, keep=%d, segments in %s)",
+                 self.config.host_id, self.config.job, self.address, self.config.k,
+                 self.config.m, self.config.keep, self.store.pool.directory)
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self._server.stop(grace).wait()
+        self.store.close()
+        if self.peers is not None:
+            self.peers.close()
+
+    def __enter__(self) -> SMPServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _chain_reader(self, man: Manifest, participant: str) -> Any:
+        from monolith_py.snapshot.recovery import Recovery
+
+        sources: dict[int, Any] = {self.config.host_id: self.store}
+        if self.peers is not None:
+            sources.update(self.peers.clients)
+        return Recovery(sources, self.config.host_id, job=self.config.job).restore(
+            participant, man.snapshot_id).state
+
+    # -- handlers -------------------------------------------------------------------------------
+
+    def _wrap(self, name: str, fn: Callable[[dict[str, np.ndarray], dict[str, Any]], bytes]
+              ) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                if name == "PutBlock":
+                    return fn({"frame": request}, {})  # type: ignore[dict-item]
+                arrays, meta = decode_arrays(request, limits=_LIMITS, require_checksum=True)
+                return fn(arrays, meta)
+            except (DecodeError, InvalidInputError) as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"SMP: {exc}"[:4000])
+            except DeadlineExceededError as exc:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"SMP: {exc}"[:4000])
+            except MonolithError as exc:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"SMP: {exc}"[:4000])
+            except Exception as exc:  # a bug must not take the SMP down
+                log.exception("SMP %s failed", name)
+                context.abort(grpc.StatusCode.INTERNAL, f"SMP: {type(exc).__name__}: {exc}")
+            return b""  # pragma: no cover
+
+        return handle
+
+    def _lease(self, a: Any, m: dict[str, Any]) -> bytes:
+        return _frame(self.store.lease(check_participant(m.get("participant")),
+                                       _int(m, "nbytes", 1)))
+
+    def _commit(self, a: Any, m: dict[str, Any]) -> bytes:
+        seg = m.get("segment")
+        if not isinstance(seg, str):
+            raise InvalidInputError("'segment' must be a string")
+        key = self.store.commit(check_participant(m.get("participant")), seg,
+                                _int(m, "nbytes", 1))
+        return _frame({"key": list(key)})
+
+    def _put_part(self, a: dict[str, np.ndarray], m: dict[str, Any]) -> bytes:
+        if set(a) != {"data"}:
+            raise InvalidInputError("PutPart carries one array 'data'")
+        key = self.store.put_part(check_participant(m.get("participant")), a["data"])
+        return _frame({"key": list(key)})
+
+    def _wait_part(self, a: Any, m: dict[str, Any]) -> bytes:
+        p, sid, kind = _key(m)
+        t = m.get("timeout_s", 60.0)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 3600:
+            raise InvalidInputError("timeout_s must be in [0, 3600]")
+        return _frame({"record": self.store.wait_part(p, sid, kind, float(t)).to_json()})
+
+    def _put_block(self, a: dict[str, Any], m: Any) -> bytes:
+        self.store.put_block(a["frame"])
+        return _frame()
+
+    def _get_block(self, a: Any, m: dict[str, Any]) -> bytes:
+        key: BlockKey = (*_key(m), _int(m, "index"))
+        data = self.store.get_block(key, _int(m, "offset"), _int(m, "length"))
+        return _frame({"found": data is not None}, **({} if data is None else {"data": data}))
+
+    def _part_location(self, a: Any, m: dict[str, Any]) -> bytes:
+        return _frame({"location": self.store.part_location(_key(m))})
+
+    def _read_part(self, a: Any, m: dict[str, Any]) -> bytes:
+        data = self.store.read_part(_key(m), _int(m, "offset"), _int(m, "length"))
+        return _frame({"found": data is not None}, **({} if data is None else {"data": data}))
+
+    def _seal(self, a: dict[str, np.ndarray], m: Any) -> bytes:
+        raw = a.get("manifest")
+        if raw is None:
+            raise InvalidInputError("Seal carries the manifest frame as 'manifest'")
+        return _frame({"snapshot_id": self.store.seal(raw.tobytes()).snapshot_id})
+
+    def _put_record(self, a: Any, m: dict[str, Any]) -> bytes:
+        self.store.put_record(PartRecord.from_json(m.get("record")))
+        return _frame()
+
+    def _catalog(self, a: Any, m: Any) -> bytes:
+        cat = self.store.catalog()
+        arrays = {f"m{i}": raw for i, raw in enumerate(cat["manifests"])}
+        return _frame({"records": [r.to_json() for r in cat["records"]]}, **arrays)
+
+    def _stats(self, a: Any, m: Any) -> bytes:
+        return _frame({"stats": self.store.stats()})
+
+
+class SMPClient:
+    """Client of one SMP (thread-safe; one channel).
+
+    Args:
+        address: ``host:port``.
+        timeout_s: default deadline per call.
+        host_id: the SMP's host index (informational).
+    """
+
+    def __init__(self, address: str, timeout_s: float = 30.0, host_id: int | None = None) -> None:
+        self.address = address
+        self.timeout_s = float(timeout_s)
+        self.host_id = host_id
+        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self._stubs: dict[str, Any] = {}
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, request: bytes, timeout_s: float | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        stub = self._stubs.get(method)
+        if stub is None:
+            stub = self._channel.unary_unary(f"/{SERVICE}/{method}")
+            self._stubs[method] = stub
+        try:
+            raw = stub(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            where = f"SMP {self.address} {method}"
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                raise UnavailableError(f"{where}: {detail}") from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceededError(f"{where}: {detail}") from None
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidInputError(f"{where}: {detail}") from None
+            raise SnapshotError(f"{where}: {code}: {detail}") from None
+        return decode_arrays(raw, limits=_LIMITS, require_checksum=True)
+
+    # -- participant side ------------------------------------------------------------------------
+
+    def lease(self, participant: str, nbytes: int) -> dict[str, Any]:
+        return self._call("Lease", _frame({"participant": participant, "nbytes": int(nbytes)}))[1]
+
+    def commit(self, participant: str, segment: str, nbytes: int) -> PartKey:
+        m = self._call("Commit", _frame({"participant": participant, "segment": segment,
+                                         "nbytes": int(nbytes)}))[1]
+        return tuple(m["key"])  # type: ignore[return-value]
+
+    def put_part(self, participant: str, data: Any) -> PartKey:
+        m = self._call("PutPart", _frame({"participant": participant}, data=memoryview(data)))[1]
+        return tuple(m["key"])  # type: ignore[return-value]
+
+    # -- coordinator side ------------------------------------------------------------------------
+
+    def wait_part(self, participant: str, snapshot_id: int, kind: str,
+                  timeout_s: float) -> PartRecord:
+        m = self._call("WaitPart", _frame({"participant": participant, "snapshot_id": snapshot_id,
+                                           "kind": kind, "timeout_s": float(timeout_s)}),
+                       timeout_s=timeout_s + 10.0)[1]
+        return PartRecord.from_json(m.get("record"))
+
+    def seal(self, manifest_bytes: bytes) -> int:
+        m = self._call("Seal", _frame(manifest=manifest_bytes))[1]
+        return int(m["snapshot_id"])
+
+    # -- peers and recovery ----------------------------------------------------------------------
+
+    def put_block(self, frame: bytes) -> None:
+        self._call("PutBlock", frame)
+
+    def put_record(self, record: PartRecord) -> None:
+        self._call("PutRecord", _frame({"record": record.to_json()}))
+
+    def get_block(self, key: BlockKey, offset: int = 0, length: int | None = None) -> bytes | None:
+        """The block (assembled from chunked reads), or ``None`` when not held there."""
+        p, sid, kind, idx = key
+        out = bytearray()
+        off = offset
+        while True:
+            n = _CHUNK if length is None else min(_CHUNK, offset + length - off)
+            a, m = self._call("GetBlock", _frame({"participant": p, "snapshot_id": sid,
+                                                  "kind": kind, "index": idx, "offset": off,
+                                                  "length": n}))
+            if not m.get("found"):
+                return None
+            data = a.get("data", np.zeros(0, np.uint8))
+            out += data.tobytes()
+            off += data.shape[0]
+            if data.shape[0] < n or (length is not None and off >= offset + length):
+                return bytes(out)
+
+    def part_location(self, key: PartKey) -> dict[str, Any] | None:
+        p, sid, kind = key
+        m = self._call("PartLocation", _frame({"participant": p, "snapshot_id": sid,
+                                               "kind": kind}))[1]
+        loc = m.get("location")
+        return loc if isinstance(loc, dict) else None
+
+    def read_part(self, key: PartKey, offset: int, length: int) -> bytes | None:
+        p, sid, kind = key
+        out = bytearray()
+        off = offset
+        while off < offset + length:
+            n = min(_CHUNK, offset + length - off)
+            a, m = self._call("ReadPart", _frame({"participant": p, "snapshot_id": sid,
+                                                  "kind": kind, "offset": off, "length": n}))
+            if not m.get("found"):
+                return None
+            data = a.get("data", np.zeros(0, np.uint8))
+            out += data.tobytes()
+            if data.shape[0] < n:
+                break
+            off += n
+        return bytes(out)
+
+    def catalog(self) -> dict[str, Any]:
+        a, m = self._call("Catalog", _frame())
+        mans = [a[f"m{i}"].tobytes() for i in range(len(a)) if f"m{i}" in a]
+        recs = []
+        for r in m.get("records", []):
+            try:
+                recs.append(PartRecord.from_json(r))
+            except DecodeError as exc:
+                log.warning("SMP %s: bad record skipped: %s", self.address, exc)
+        return {"manifests": mans, "records": recs}
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._call("Stats", _frame())[1]["stats"])
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Poll :meth:`stats` until the SMP answers."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._call("Stats", _frame(), timeout_s=2.0)
+                return
+            except (UnavailableError, DeadlineExceededError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+class GrpcPeers:
+    """:class:`~monolith_py.snapshot.store.Peers` over :class:`SMPClient`s."""
+
+    def __init__(self, addresses: Mapping[int, str], timeout_s: float = 30.0) -> None:
+        self.clients = {h: SMPClient(a, timeout_s, host_id=h) for h, a in addresses.items()}
+
+    def _client(self, host: int) -> SMPClient:
+        c = self.clients.get(host)
+        if c is None:
+            raise UnavailableError(f"no SMP address for host {host}")
+        return c
+
+    def put_block(self, host: int, frame: bytes) -> None:
+        self._client(host).put_block(frame)
+
+    def put_record(self, host: int, record: PartRecord) -> None:
+        self._client(host).put_record(record)
+
+    def get_block(self, host: int, key: BlockKey) -> bytes | None:
+        return self._client(host).get_block(key)
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            c.close()
+
+
+def smp_clients(addresses: Sequence[str], timeout_s: float = 30.0) -> dict[int, SMPClient]:
+    """``{host index: SMPClient}`` for a group's addresses."""
+    return {i: SMPClient(a, timeout_s, host_id=i) for i, a in enumerate(addresses) if a}

@@ -1,0 +1,714 @@
+"""The snapshot manager's state and logic (no RPC): parts, blocks, catalog, retention.
+
+One :class:`SnapshotStore` runs in each SMP process (see :mod:`monolith_py.snapshot.smp`
+for its gRPC face). What it does, in the order a snapshot flows through it:
+
+1. **lease / commit** — a participant on this host leases a pre-faulted segment, writes
+   its part frame into it and commits it (or sends the bytes with :meth:`put_part`). The
+   frame is validated (checksum, participant, ids) before it is adopted.
+2. **encode and place** (worker thread) — the part is cut into ``k`` data blocks plus
+   ``m - k`` zfec parity, streamed chunk by chunk to the SMPs of hosts ``home + i``; the
+   crc32c of every block goes into the part's :class:`PartRecord`.
+3. **wait_part** — the coordinator collects the records; it seals only when all arrived.
+4. **seal** — a manifest arrives; retention keeps the newest ``keep`` sealed snapshots and
+   the parts their increment chains need, frees the rest (segments are recycled).
+5. **compaction** — when a home part's chain reaches ``full_every`` increments, the worker
+   composes a full part off the training path, erasure-codes it like any part and
+   broadcasts its record (:meth:`put_record`), after which the old chain can be freed.
+
+Thread-safety: every public method may be called from any thread (gRPC handlers); long
+work (checksums, coding, transfers) runs outside the lock on pinned blobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import crc32c
+import numpy as np
+import zfec
+
+from monolith_py.errors import (
+    ConfigError,
+    CorruptDataError,
+    DeadlineExceededError,
+    DecodeError,
+    InvalidInputError,
+    SnapshotError,
+    UnavailableError,
+)
+from monolith_py.observe.metrics import counter, gauge, histogram
+from monolith_py.snapshot.codec import CodecConfig, block_size, data_block
+from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
+from monolith_py.snapshot.shm import Segment, SegmentPool, default_shm_root
+from monolith_py.testing.faults import fault_point
+from monolith_py.wire import decode_arrays, encode_arrays
+
+__all__ = ["SMPConfig", "SnapshotStore", "Peers", "BlockKey", "block_frame", "decode_block_frame"]
+
+log = logging.getLogger("monolith.snapshot.store")
+
+BlockKey = tuple[str, int, str, int]
+"""``(participant, snapshot_id, kind, block index)``."""
+
+
+@dataclass(frozen=True)
+class SMPConfig:
+    """Settings of one SMP.
+
+    Args:
+        job: job name (part of the segment directory name).
+        host_id: this host's index in the group, ``0 <= host_id < num_hosts``.
+        num_hosts: hosts in the group (``>= m``: every block on a distinct host).
+        k, m: erasure code (``k`` data blocks of ``m``).
+        keep: sealed snapshots retained (each with the chain it needs).
+        full_every: compose a full part when a chain has this many increments (0: never).
+        shm_dir: segment directory (default ``/dev/shm/monolith-<job>-h<host_id>``).
+        chunk_bytes: block bytes per transfer message.
+        place_timeout_s: how long a block transfer may retry an unavailable peer.
+        keep_free_bytes: released segment bytes kept for reuse.
+    """
+
+    job: str = "monolith"
+    host_id: int = 0
+    num_hosts: int = 3
+    k: int = 2
+    m: int = 3
+    keep: int = 2
+    full_every: int = 8
+    shm_dir: str | None = None
+    chunk_bytes: int = 8 << 20
+    place_timeout_s: float = 60.0
+    keep_free_bytes: int = 4 << 30
+
+    def __post_init__(self) -> None:
+        CodecConfig(self.k, self.m)
+        if not isinstance(self.job, str) or not self.job.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"SMPConfig.job must be alphanumeric (- and _ allowed), got {self.job!r}")
+        if not 0 <= self.host_id < self.num_hosts:
+            raise ConfigError(f"SMPConfig needs 0 <= host_id < num_hosts, got {self.host_id}, "
+                              f"{self.num_hosts}")
+        if self.num_hosts < self.m:
+            raise ConfigError(
+                f"SMPConfig: {self.num_hosts} hosts cannot hold m={self.m} blocks on distinct "
+                f"hosts; add hosts or lower m (and k)")
+        if self.keep < 1 or self.full_every < 0 or self.chunk_bytes < 4096:
+            raise ConfigError("SMPConfig: keep >= 1, full_every >= 0, chunk_bytes >= 4096")
+
+    @property
+    def directory(self) -> str:
+        return self.shm_dir or os.path.join(default_shm_root(),
+                                            f"monolith-{self.job}-h{self.host_id}")
+
+
+class Peers(Protocol):
+    """How a store reaches the other SMPs of its group (gRPC in production)."""
+
+    def put_block(self, host: int, frame: bytes) -> None:
+        """Deliver one block chunk frame (:func:`block_frame`); raise
+        :class:`UnavailableError` when the host does not answer."""
+
+    def put_record(self, host: int, record: PartRecord) -> None:
+        """Deliver a compaction record."""
+
+    def get_block(self, host: int, key: BlockKey) -> bytes | None:
+        """Read a stored block (``None``: not there)."""
+
+
+def block_frame(key: BlockKey, offset: int, data: Any, *, block_bytes: int, part_size: int,
+                final: bool, block_crc: int) -> bytes:
+    """One chunk of a block as a wire frame (the payload crc covers the chunk)."""
+    p, sid, kind, idx = key
+    return encode_arrays({"data": np.frombuffer(data, dtype=np.uint8)},
+                         {"participant": p, "snapshot_id": sid, "kind": kind, "index": idx,
+                          "offset": offset, "block_bytes": block_bytes, "part_size": part_size,
+                          "final": final, "block_crc": block_crc})
+
+
+def decode_block_frame(buf: Any) -> tuple[BlockKey, dict[str, Any], np.ndarray]:
+    """Validate a chunk frame: ``(key, meta, data)``; raises :class:`DecodeError`."""
+    arrays, meta = decode_arrays(buf, require_checksum=True)
+    data = arrays.get("data")
+    if set(arrays) != {"data"} or data is None or data.dtype != np.uint8 or data.ndim != 1:
+        raise DecodeError("bad block chunk: expected one uint8 array 'data'")
+    try:
+        key = (check_participant(meta["participant"]), int(meta["snapshot_id"]),
+               str(meta["kind"]), int(meta["index"]))
+        ints = [int(meta[f]) for f in ("offset", "block_bytes", "part_size", "block_crc")]
+    except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
+        raise DecodeError(f"bad block chunk metadata: {exc}") from exc
+    if key[2] not in ("full", "inc") or key[1] < 0 or not 0 <= key[3] < 256:
+        raise DecodeError(f"bad block chunk key {key}")
+    off, bb, _, _ = ints
+    if off < 0 or bb < 1 or off + data.shape[0] > bb:
+        raise DecodeError(f"chunk [{off}, +{data.shape[0]}) outside a {bb}-byte block")
+    return key, meta, data
+
+
+@dataclass
+class _Blob:
+    seg: Segment
+    size: int
+
+    @property
+    def view(self) -> memoryview:
+        return self.seg.view[: self.size]
+
+
+@dataclass
+class _Job:
+    done: threading.Event
+    record: PartRecord | None = None
+    error: str | None = None
+
+
+class SnapshotStore:
+    """The state of one SMP (see the module docstring).
+
+    Args:
+        config: :class:`SMPConfig`.
+        peers: transport to the other SMPs (``None``: a one-host group, ``m`` must be 1).
+        chain_reader: ``(participant, snapshot_id) -> frame bytes`` of a full state, used by
+            compaction when a part of the chain is not held locally (normally the recovery
+            policy over the group).
+    """
+
+    def __init__(self, config: SMPConfig, peers: Peers | None = None, *,
+                 chain_reader: Callable[[Manifest, str], Any] | None = None) -> None:
+        if peers is None and config.m > 1:
+            raise ConfigError("an SMP with m > 1 needs peers to place blocks on")
+        self.config = config
+        self.peers = peers
+        self.chain_reader = chain_reader
+        self.pool = SegmentPool(config.directory, config.keep_free_bytes)
+        self._mu = threading.RLock()
+        self._leases: dict[str, str] = {}
+        self._parts: dict[PartKey, _Blob] = {}
+        self._blocks: dict[BlockKey, _Blob] = {}
+        self._incoming: dict[BlockKey, tuple[_Blob, int]] = {}
+        self._jobs: dict[PartKey, _Job] = {}
+        self._manifests: dict[int, tuple[Manifest, bytes]] = {}
+        self._records: dict[PartKey, PartRecord] = {}
+        self._pins: dict[Any, int] = {}
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._send = ThreadPoolExecutor(max_workers=max(1, config.m - 1),
+                                        thread_name_prefix="smp-send")
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="smp-worker", daemon=True)
+        self._worker.start()
+        h = str(config.host_id)
+        self._m_bytes = gauge("monolith_smp_stored_bytes", "Bytes held by the SMP.", ["host"]).labels(h)
+        self._m_encode = histogram("monolith_smp_encode_seconds",
+                                   "Time to erasure-code and place one part.", ["host"]).labels(h)
+        self._m_parts = counter("monolith_smp_parts_total", "Parts committed.", ["host"]).labels(h)
+        self._m_rejected = counter("monolith_smp_rejected_total",
+                                   "Inputs rejected by the SMP.", ["host", "what"])
+        self._m_compactions = counter("monolith_smp_compactions_total",
+                                      "Full parts composed from increments.", ["host"]).labels(h)
+
+    # -- leases and commits -------------------------------------------------------------------
+
+    def lease(self, participant: str, nbytes: int) -> dict[str, Any]:
+        """A segment of at least ``nbytes`` for ``participant`` to write its next part."""
+        check_participant(participant)
+        if not 0 < nbytes <= 1 << 40:
+            raise InvalidInputError(f"lease size must be in (0, 2^40], got {nbytes}")
+        seg = self.pool.create(nbytes)
+        with self._mu:
+            self._leases[seg.name] = participant
+        return {"segment": seg.name, "path": seg.path, "capacity": seg.capacity,
+                "directory": self.pool.directory}
+
+    def commit(self, participant: str, segment: str, nbytes: int) -> PartKey:
+        """Adopt the part ``participant`` wrote into leased ``segment``; starts coding."""
+        with self._mu:
+            owner = self._leases.get(segment)
+            seg = self.pool.get(segment)
+            if owner != participant or seg is None:
+                self._reject("commit")
+                raise InvalidInputError(
+                    f"segment {segment!r} is not leased to {participant!r} (SMP restarted?)")
+            if not 0 < nbytes <= seg.capacity:
+                raise InvalidInputError(f"{nbytes} bytes do not fit segment {segment}")
+            del self._leases[segment]
+        blob = _Blob(seg, int(nbytes))
+        try:
+            key = self._adopt(participant, blob)
+        except BaseException:
+            self.pool.release(seg)
+            raise
+        return key
+
+    def put_part(self, participant: str, data: Any) -> PartKey:
+        """Store a part sent as bytes (remote writers, small parts)."""
+        check_participant(participant)
+        view = memoryview(data).cast("B")
+        seg = self.pool.create(view.nbytes)
+        seg.view[: view.nbytes] = view
+        try:
+            return self._adopt(participant, _Blob(seg, view.nbytes))
+        except BaseException:
+            self.pool.release(seg)
+            raise
+
+    def _adopt(self, participant: str, blob: _Blob) -> PartKey:
+        try:
+            _, meta = decode_arrays(blob.view, require_checksum=True)
+            sid, kind, base = int(meta["snapshot_id"]), str(meta["kind"]), int(meta["base_id"])
+            if meta.get("participant") != participant or kind not in ("full", "inc"):
+                raise DecodeError(f"part of {meta.get('participant')!r} ({kind}) committed by "
+                                  f"{participant!r}")
+            if (kind == "full") != (base == -1) or sid < 0 or base >= sid:
+                raise DecodeError(f"part ids inconsistent: {kind} {sid} on base {base}")
+        except (DecodeError, KeyError, TypeError, ValueError) as exc:
+            self._reject("part")
+            raise DecodeError(f"rejected part from {participant!r}: {exc}") from exc
+        fault_point("smp.commit")
+        key: PartKey = (participant, sid, kind)
+        with self._mu:
+            old = self._parts.pop(key, None)
+            self._parts[key] = blob
+            job = _Job(threading.Event())
+            self._jobs[key] = job
+        if old is not None:
+            self.pool.release(old.seg)
+        self._m_parts.inc()
+        self._queue.put(lambda: self._encode_job(key, job, base))
+        return key
+
+    def wait_part(self, participant: str, snapshot_id: int, kind: str,
+                  timeout_s: float) -> PartRecord:
+        """The record of a committed part once all its blocks are placed."""
+        key: PartKey = (participant, int(snapshot_id), kind)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._mu:
+                job = self._jobs.get(key)
+            if job is not None:
+                if job.done.wait(max(0.0, deadline - time.monotonic())):
+                    if job.record is None:
+                        raise SnapshotError(f"part {key} could not be placed: {job.error}")
+                    return job.record
+            elif time.monotonic() >= deadline:
+                raise DeadlineExceededError(f"part {key} was not committed to host "
+                                            f"{self.config.host_id} within {timeout_s:.1f} s")
+            else:
+                time.sleep(0.01)
+            if time.monotonic() >= deadline:
+                raise DeadlineExceededError(f"part {key} not placed within {timeout_s:.1f} s")
+
+    # -- erasure coding and placement (worker thread) -----------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # a bug must not kill the worker
+                log.exception("SMP %d: background job failed", self.config.host_id)
+
+    @contextmanager
+    def _pinned(self, key: Any) -> Iterator[None]:
+        with self._mu:
+            self._pins[key] = self._pins.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._mu:
+                self._pins[key] -= 1
+                if not self._pins[key]:
+                    del self._pins[key]
+
+    def _encode_job(self, key: PartKey, job: _Job, base_id: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            with self._pinned(key):
+                with self._mu:
+                    blob = self._parts.get(key)
+                if blob is None:
+                    raise SnapshotError("part was dropped before it was coded")
+                job.record = self._encode_and_place(key, blob.view, base_id)
+            self._m_encode.observe(time.perf_counter() - t0)
+        except Exception as exc:
+            job.error = f"{type(exc).__name__}: {exc}"
+            log.warning("SMP %d: part %s not placed: %s", self.config.host_id, key, job.error)
+        finally:
+            job.done.set()
+
+    def _encode_and_place(self, key: PartKey, view: memoryview, base_id: int) -> PartRecord:
+        cfg = self.config
+        k, m, size = cfg.k, cfg.m, view.nbytes
+        bs = block_size(size, k)
+        home = cfg.host_id
+        placement = tuple((home + i) % cfg.num_hosts for i in range(m))
+        crcs = [0] * m
+        part_crc = crc32c.crc32c(view)
+        enc = zfec.Encoder(k, m) if m > k else None
+        for lo in range(0, bs, cfg.chunk_bytes):
+            hi = min(lo + cfg.chunk_bytes, bs)
+            chunks: list[Any] = [_data_chunk(view, i, bs, lo, hi) for i in range(k)]
+            if enc is not None:
+                chunks += enc.encode(tuple(chunks), tuple(range(k, m)))
+            for i in range(m):
+                crcs[i] = crc32c.crc32c(chunks[i], crcs[i])
+            final = hi == bs
+            futures = [self._send.submit(self._deliver, placement[i],
+                                         block_frame((*key, i), lo, chunks[i], block_bytes=bs,
+                                                     part_size=size, final=final,
+                                                     block_crc=crcs[i] if final else 0))
+                       for i in range(1, m)]
+            for f in futures:
+                f.result()
+            fault_point("smp.encode")
+        record = PartRecord(participant=key[0], snapshot_id=key[1], kind=key[2],
+                            base_id=base_id, size=size, crc=part_crc, home=home, k=k, m=m,
+                            block_crcs=tuple(crcs), placement=placement)
+        fault_point("smp.place")
+        return record
+
+    def _deliver(self, host: int, frame: bytes) -> None:
+        assert self.peers is not None
+        deadline = time.monotonic() + self.config.place_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                self.peers.put_block(host, frame)
+                return
+            except UnavailableError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # -- blocks from peers -----------------------------------------------------------------------
+
+    def put_block(self, frame: Any) -> None:
+        """Receive one chunk of a block placed here by another host's SMP."""
+        try:
+            key, meta, data = decode_block_frame(frame)
+        except DecodeError:
+            self._reject("block")
+            raise
+        off, bb = int(meta["offset"]), int(meta["block_bytes"])
+        with self._mu:
+            entry = self._incoming.get(key)
+            if off == 0:
+                if entry is not None:
+                    self.pool.release(entry[0].seg)
+                entry = (_Blob(self.pool.create(bb), bb), 0)
+            elif entry is None or entry[1] != off or entry[0].size != bb:
+                self._reject("block")
+                raise InvalidInputError(f"chunk of {key} at offset {off} out of order")
+            blob, _ = entry
+            self._incoming[key] = (blob, off + data.shape[0])
+        blob.seg.view[off: off + data.shape[0]] = data
+        if not meta.get("final"):
+            return
+        fault_point("smp.block")
+        with self._mu:
+            blob, got = self._incoming.pop(key)
+        if got != bb or crc32c.crc32c(blob.view) != int(meta["block_crc"]):
+            self.pool.release(blob.seg)
+            self._reject("block")
+            raise CorruptDataError(f"block {key} arrived incomplete or corrupt")
+        with self._mu:
+            old = self._blocks.pop(key, None)
+            self._blocks[key] = blob
+        if old is not None:
+            self.pool.release(old.seg)
+
+    def get_block(self, key: BlockKey, offset: int = 0, length: int | None = None) -> bytes | None:
+        """A copy of (a range of) block ``key`` held here; data blocks ``< k`` of a home
+        part are cut from the part."""
+        p, sid, kind, idx = key
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidInputError("offset and length must be >= 0")
+        with self._mu:
+            blob = self._blocks.get(key)
+            part = self._parts.get((p, sid, kind)) if blob is None and idx < self.config.k else None
+        if blob is not None:
+            with self._pinned(key):
+                end = blob.size if length is None else offset + length
+                return bytes(blob.view[offset:end])
+        if part is not None:
+            with self._pinned((p, sid, kind)):
+                blk = data_block(part.view, idx, self.config.k)
+                end = len(blk) if length is None else offset + length
+                return bytes(memoryview(blk)[offset:end])
+        return None
+
+    def part_location(self, key: PartKey) -> dict[str, Any] | None:
+        """Where the whole part lies (same host: map it, zero copy)."""
+        with self._mu:
+            blob = self._parts.get(key)
+            if blob is None:
+                return None
+            return {"path": blob.seg.path, "capacity": blob.seg.capacity, "size": blob.size,
+                    "directory": self.pool.directory}
+
+    def part_view(self, key: PartKey) -> memoryview | None:
+        with self._mu:
+            blob = self._parts.get(key)
+            return None if blob is None else blob.view
+
+    def read_part(self, key: PartKey, offset: int, length: int) -> bytes | None:
+        """``length`` bytes of the whole part from ``offset`` (remote readers)."""
+        with self._mu:
+            blob = self._parts.get(key)
+        if blob is None:
+            return None
+        if offset < 0 or length < 0:
+            raise InvalidInputError("offset and length must be >= 0")
+        with self._pinned(key):
+            return bytes(blob.view[offset: offset + length])
+
+    # -- catalog: manifests and compaction records ----------------------------------------------
+
+    def seal(self, manifest_bytes: Any) -> Manifest:
+        """Store a sealed manifest (validated), then apply retention and maybe compact."""
+        try:
+            man = Manifest.decode(manifest_bytes)
+        except DecodeError:
+            self._reject("manifest")
+            raise
+        if man.job != self.config.job:
+            self._reject("manifest")
+            raise InvalidInputError(f"manifest of job {man.job!r} sent to job {self.config.job!r}")
+        fault_point("smp.seal")
+        with self._mu:
+            self._manifests[man.snapshot_id] = (man, bytes(manifest_bytes))
+        self._collect()
+        self._maybe_compact(man)
+        return man
+
+    def put_record(self, record: PartRecord) -> None:
+        """A compaction record (a full form of a part, all blocks placed)."""
+        if record.kind != "full":
+            raise InvalidInputError("compaction records describe full parts")
+        with self._mu:
+            self._records[record.key] = record
+        self._collect()
+
+    def catalog(self) -> dict[str, Any]:
+        """``{"manifests": [bytes], "records": [PartRecord]}`` held here."""
+        with self._mu:
+            return {"manifests": [raw for _, (_, raw) in sorted(self._manifests.items())],
+                    "records": list(self._records.values())}
+
+    def manifests(self) -> list[Manifest]:
+        with self._mu:
+            return [m for _, (m, _) in sorted(self._manifests.items())]
+
+    def records(self) -> dict[PartKey, PartRecord]:
+        with self._mu:
+            return dict(self._records)
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def _needed(self) -> tuple[set[PartKey], set[int], int]:
+        sealed = sorted(self._manifests)
+        if not sealed:
+            return set(), set(), -1
+        keys: set[PartKey] = set()
+        mans: set[int] = set()
+
+        def resolve(p: str, sid: int, depth: int) -> None:
+            if depth > 10_000:
+                return
+            if (p, sid, "full") in self._records:
+                keys.add((p, sid, "full"))
+                return
+            entry = self._manifests.get(sid)
+            if entry is None:
+                return
+            mans.add(sid)
+            rec = entry[0].parts.get(p)
+            if rec is None:
+                return
+            keys.add(rec.key)
+            if rec.kind == "inc":
+                resolve(p, rec.base_id, depth + 1)
+
+        for sid in sealed[-self.config.keep:]:
+            mans.add(sid)
+            for p in self._manifests[sid][0].parts:
+                keys.add((p, sid, "full"))  # a compaction may be on its way
+                resolve(p, sid, 0)
+        return keys, mans, sealed[-1]
+
+    def _collect(self) -> None:
+        """Free what no retained snapshot needs (data of newer, in-flight ids is kept)."""
+        drop: list[_Blob] = []
+        with self._mu:
+            keys, mans, newest = self._needed()
+            if newest < 0:
+                return
+            for sid in [s for s in self._manifests if s not in mans]:
+                del self._manifests[sid]
+            for k in [k for k in self._records if k not in keys]:
+                del self._records[k]
+            for pk in [pk for pk in self._parts
+                       if pk[1] <= newest and pk not in keys and pk not in self._pins]:
+                drop.append(self._parts.pop(pk))
+                self._jobs.pop(pk, None)
+            for bk in [bk for bk in self._blocks
+                       if bk[1] <= newest and bk[:3] not in keys and bk not in self._pins]:
+                drop.append(self._blocks.pop(bk))
+            for bk in [bk for bk in self._incoming if bk[1] <= newest and bk[:3] not in keys]:
+                drop.append(self._incoming.pop(bk)[0])
+        for blob in drop:
+            self.pool.release(blob.seg)
+        self._m_bytes.set(self.stats()["stored_bytes"])
+
+    # -- compaction --------------------------------------------------------------------------------
+
+    def _chain_length(self, man: Manifest, p: str) -> int:
+        n, sid = 0, man.snapshot_id
+        while True:
+            if (p, sid, "full") in self._records:
+                return n
+            entry = self._manifests.get(sid)
+            rec = entry[0].parts.get(p) if entry is not None else None
+            if rec is None or rec.kind == "full":
+                return n
+            n += 1
+            sid = rec.base_id
+
+    def _maybe_compact(self, man: Manifest) -> None:
+        every = self.config.full_every
+        if not every or self.peers is None and self.config.m > 1:
+            return
+        with self._mu:
+            todo = [p for p, rec in man.parts.items()
+                    if rec.home == self.config.host_id and rec.kind == "inc"
+                    and self._chain_length(man, p) >= every]
+        for p in todo:
+            self._queue.put(lambda p=p: self._compact(man, p))
+
+    def _compact(self, man: Manifest, p: str) -> None:
+        from monolith_py.snapshot.pspart import apply_increment, decode_part, encode_shard_state
+        from monolith_py.snapshot.pspart import shard_state as to_state
+
+        sid = man.snapshot_id
+        key: PartKey = (p, sid, "full")
+        with self._mu:
+            if key in self._records or sid not in self._manifests:
+                return
+        t0 = time.perf_counter()
+        try:
+            chain = self._local_chain(man, p)
+            if chain is None:
+                if self.chain_reader is None:
+                    log.info("SMP %d: %s chain of snapshot %d not all local; compaction skipped",
+                             self.config.host_id, p, sid)
+                    return
+                state = self.chain_reader(man, p)
+            else:
+                state = to_state(decode_part(chain[0]))
+                for frame in chain[1:]:
+                    state = apply_increment(state, decode_part(frame))
+            fault_point("smp.compact")
+            segs: list[Segment] = []
+
+            def alloc(n: int) -> memoryview:
+                segs.append(self.pool.create(n))
+                return segs[-1].view
+
+            frame = encode_shard_state(state, sid, man.step, alloc=alloc,
+                                       extra_meta={"participant": p, "composed": True})
+            del state
+            blob = _Blob(segs[0], frame.nbytes)
+            with self._mu:
+                old = self._parts.pop(key, None)
+                self._parts[key] = blob
+            if old is not None:
+                self.pool.release(old.seg)
+            with self._pinned(key):
+                record = self._encode_and_place(key, blob.view, -1)
+            for host in range(self.config.num_hosts):
+                if host == self.config.host_id:
+                    continue
+                assert self.peers is not None
+                self.peers.put_record(host, record)
+            self.put_record(record)
+            self._m_compactions.inc()
+            log.info("SMP %d: composed a full part of %s at snapshot %d (%d bytes, %.2f s)",
+                     self.config.host_id, p, sid, frame.nbytes, time.perf_counter() - t0)
+        except Exception as exc:
+            log.warning("SMP %d: compaction of %s at %d failed: %s: %s", self.config.host_id,
+                        p, sid, type(exc).__name__, exc)
+
+    def _local_chain(self, man: Manifest, p: str) -> list[memoryview] | None:
+        """Frames base-first, all from local home parts (checked), or ``None``."""
+        frames: list[memoryview] = []
+        sid = man.snapshot_id
+        with self._mu:
+            while True:
+                rec = None
+                if (p, sid, "full") in self._records:
+                    rec = self._records[(p, sid, "full")]
+                else:
+                    entry = self._manifests.get(sid)
+                    rec = entry[0].parts.get(p) if entry is not None else None
+                if rec is None:
+                    return None
+                blob = self._parts.get(rec.key)
+                if blob is None or blob.size != rec.size or crc32c.crc32c(blob.view) != rec.crc:
+                    return None
+                frames.append(blob.view)
+                if rec.kind == "full":
+                    return frames[::-1]
+                sid = rec.base_id
+
+    # -- misc ----------------------------------------------------------------------------------------
+
+    def _reject(self, what: str) -> None:
+        self._m_rejected.labels(host=str(self.config.host_id), what=what).inc()
+
+    def stats(self) -> dict[str, Any]:
+        with self._mu:
+            stored = sum(b.size for b in self._parts.values()) + sum(
+                b.size for b in self._blocks.values())
+            return {"host": self.config.host_id, "parts": len(self._parts),
+                    "blocks": len(self._blocks), "manifests": sorted(self._manifests),
+                    "records": len(self._records), "stored_bytes": stored,
+                    "pending_jobs": self._queue.qsize(), **self.pool.stats()}
+
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """Wait until background jobs queued so far have run (tests, benchmarks)."""
+        done = threading.Event()
+        self._queue.put(done.set)
+        if not done.wait(timeout_s):
+            raise DeadlineExceededError("SMP background work did not finish in time")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._worker.join(timeout=30)
+        self._send.shutdown(wait=False, cancel_futures=True)
+        self.pool.close(remove_directory=True)
+
+
+def _data_chunk(view: memoryview, i: int, bs: int, lo: int, hi: int) -> Any:
+    start, end = i * bs + lo, i * bs + hi
+    size = view.nbytes
+    if end <= size:
+        return view[start:end]
+    out = bytearray(hi - lo)
+    if start < size:
+        out[: size - start] = view[start:size]
+    return bytes(out)
+

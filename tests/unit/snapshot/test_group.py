@@ -1,0 +1,276 @@
+"""The snapshot pipeline in one process: cut, seal, retention, compaction, recovery policy
+(local -> erasure decode -> older snapshot -> disk), corrupt blocks, truncated manifests,
+universal checkpoints and N -> M resharding."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from monolith_py.errors import DecodeError, NoValidSnapshotError
+from monolith_py.ps import PSShard
+from monolith_py.ps.routing import shard_of
+from monolith_py.snapshot.checkpoint import (
+    find_checkpoints,
+    load_checkpoint,
+    merge_shard_states,
+    write_checkpoint,
+)
+from monolith_py.snapshot.coordinator import SnapshotCoordinator
+from monolith_py.snapshot.manifest import Manifest
+from monolith_py.snapshot.participant import PSParticipant, TrainerParticipant
+from monolith_py.snapshot.recovery import Recovery
+from monolith_py.table import OptimizerConfig, TableConfig
+from monolith_py.testing.smpgroup import LocalGroup
+from monolith_py.testing.state import assert_states_equal
+
+TABLES = [
+    TableConfig("user", dim=4, optimizer=OptimizerConfig("adagrad", lr=0.1), admit_threshold=2,
+                filter_memory_bytes=2048, ttl_seconds=40, initial_capacity=16),
+    TableConfig("item", dim=3, optimizer=OptimizerConfig("rowwise_adagrad", lr=0.05),
+                initial_capacity=16),
+]
+
+
+class Job:
+    """Two PS shards (hosts 0 and 1) and one trainer (host 2) on a LocalGroup."""
+
+    def __init__(self, group: LocalGroup, ckpt_dir: str | None = None, seed: int = 0) -> None:
+        self.group = group
+        self.rng = np.random.default_rng(seed)
+        self.shards = [PSShard(i, 2, TABLES) for i in range(2)]
+        self.parts = [PSParticipant(s, group.source(i), i, group=group.sources(), job="test",
+                                    checkpoint_dir=ckpt_dir) for i, s in enumerate(self.shards)]
+        torch.manual_seed(seed)
+        self.model = torch.nn.Linear(3, 2)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=0.01)
+        self.counter = 0
+        self.trainer = TrainerParticipant("trainer/0", group.source(2), 2, self.state,
+                                          self.load, group=group.sources(), job="test",
+                                          checkpoint_dir=ckpt_dir)
+        self.coord = SnapshotCoordinator("test", group.sources(), [*self.parts, self.trainer],
+                                         checkpoint_dir=ckpt_dir, timeout_s=30.0,
+                                         info={"num_shards": 2})
+        self.now = 1000
+        self.expected: dict[int, dict[str, Any]] = {}
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "counter": self.counter, "rng": torch.get_rng_state()}
+
+    def load(self, st: Any) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        self.counter = st["counter"]
+        torch.set_rng_state(st["rng"])
+
+    def train(self, steps: int = 3) -> None:
+        for _ in range(steps):
+            self.now += int(self.rng.integers(1, 15))
+            for cfg in TABLES:
+                keys = np.unique(self.rng.zipf(1.4, 60).astype(np.int64) % 500)
+                owner = shard_of(keys, 2)
+                for i, shard in enumerate(self.shards):
+                    k = keys[owner == i]
+                    shard.pull(cfg.name, k, train=True)
+                    shard.push(cfg.name, k, self.rng.standard_normal(
+                        (k.shape[0], cfg.dim)).astype(np.float32), self.now)
+            if self.rng.random() < 0.3:
+                for s in self.shards:
+                    s.evict_expired(self.now)
+            self.model(torch.randn(4, 3)).sum().backward()
+            self.opt.step()
+            self.counter += 1
+
+    def snapshot(self) -> int:
+        man = self.coord.snapshot(self.counter)
+        self.expected[man.snapshot_id] = {
+            "ps/0": self.shards[0].state_dict(), "ps/1": self.shards[1].state_dict(),
+            "trainer/0": copy.deepcopy(self.state())}
+        return man.snapshot_id
+
+    def close(self) -> None:
+        self.coord.close()
+        for p in [*self.parts, self.trainer]:
+            p.close()
+
+
+@pytest.fixture
+def group(tmp_path: Any) -> Iterator[LocalGroup]:
+    g = LocalGroup(3, k=2, m=3, root=str(tmp_path / "shm"), job="test", keep=2)
+    yield g
+    g.close()
+
+
+def _restore(group: LocalGroup, who: str, host: int, sid: int | None = None,
+             ckpt: str | None = None) -> Any:
+    rec = Recovery(group.sources(), host, job="test", checkpoint_dir=ckpt)
+    try:
+        return rec.restore(who, sid)
+    finally:
+        rec.close()
+
+
+def test_local_then_erasure_decode_after_host_loss(group: LocalGroup) -> None:
+    job = Job(group)
+    for _ in range(4):
+        job.train()
+        last = job.snapshot()
+    assert [job.coord.last_sealed.parts[p].kind for p in ("ps/0", "trainer/0")] == ["inc", "full"]
+    r = _restore(group, "ps/0", 0)
+    assert r.snapshot_id == last and any("local SMP copy" in s for s in r.log)
+    assert_states_equal(r.state, job.expected[last]["ps/0"])
+    group.kill(0)                # the whole host and its memory
+    group.restart(0)             # comes back empty
+    r = _restore(group, "ps/0", 0)
+    assert r.snapshot_id == last and any("erasure-decoded" in s for s in r.log)
+    assert_states_equal(r.state, job.expected[last]["ps/0"])
+    t = _restore(group, "trainer/0", 2)
+    assert_states_equal(t.state, job.expected[last]["trainer/0"])
+    # a restored participant loads the state and continues with a full part
+    job.parts[0].shard.load_state_dict(PSShard(0, 2, TABLES).state_dict())
+    job.parts[0].restore()
+    assert_states_equal(job.shards[0].state_dict(), job.expected[last]["ps/0"])
+    job.train()
+    job.snapshot()
+    assert job.coord.last_sealed.parts["ps/0"].kind == "full"
+    assert job.coord.last_sealed.parts["ps/1"].kind == "inc"
+    job.close()
+
+
+def test_corrupt_copies_are_excluded_and_older_snapshot_used(group: LocalGroup) -> None:
+    job = Job(group)
+    job.train()
+    first = job.snapshot()
+    job.train()
+    last = job.snapshot()
+    rec = job.coord.last_sealed.parts["ps/0"]
+    group.flip_part(0, rec.key, byte=rec.size // 4)   # inside data block 0
+    r = _restore(group, "ps/0", 0)
+    assert any("local copy corrupt" in s for s in r.log)
+    assert any("block 0 on host 0 corrupt" in s for s in r.log)
+    assert r.snapshot_id == last
+    assert_states_equal(r.state, job.expected[last]["ps/0"])
+    # a flipped data block on host 1 leaves only one good block: not enough for k=2, so the
+    # newest snapshot is skipped (with its reason) and the previous one is restored
+    group.flip_block(1, (*rec.key, 1), byte=7)
+    r = _restore(group, "ps/0", 0)
+    assert r.snapshot_id == first
+    assert any("corrupt: excluded" in s for s in r.log)
+    assert_states_equal(r.state, job.expected[first]["ps/0"])
+    job.close()
+
+
+@pytest.mark.parametrize("flip", [1, 2])  # a data block, a parity block
+def test_flipped_block_rebuilt_from_parity(tmp_path: Any, flip: int) -> None:
+    g = LocalGroup(4, k=2, m=4, root=str(tmp_path / "shm"), job="test")
+    try:
+        job = Job(g)
+        job.train()
+        sid = job.snapshot()
+        rec = job.coord.last_sealed.parts["ps/0"]
+        g.kill(0)
+        g.flip_block(rec.placement[flip], (*rec.key, flip), byte=3)
+        r = _restore(g, "ps/0", 0)
+        assert r.snapshot_id == sid and any(f"block {flip} on host" in s for s in r.log)
+        assert_states_equal(r.state, job.expected[sid]["ps/0"])
+        job.close()
+    finally:
+        g.close()
+
+
+def test_truncated_manifest_and_unsealed_snapshots_are_never_used(group: LocalGroup) -> None:
+    job = Job(group)
+    job.train()
+    sealed = job.snapshot()
+    job.train()
+    cut = job.coord.cut(job.counter)          # captured and placed, but never sealed
+    for p in job.parts:
+        p.wait_shipped()
+    job.trainer.wait_shipped()
+    group.drain()
+    assert _restore(group, "ps/1", 1).snapshot_id == sealed
+    # a truncated manifest is rejected by the SMP and skipped by recovery, even though the
+    # parts it names are all there
+    raw = job.coord.last_sealed.encode()
+    with pytest.raises(DecodeError):
+        group.store(0).seal(raw[: len(raw) - 9])
+    homes = {"ps/0": 0, "ps/1": 1, "trainer/0": 2}
+    parts = {p: group.store(h).wait_part(p, cut.snapshot_id, cut.captured[p]["kind"], 5.0)
+             for p, h in homes.items()}
+    whole = Manifest("test", cut.snapshot_id, cut.step, parts).encode()
+    for h in range(3):
+        group.store(h)._manifests[cut.snapshot_id] = (Manifest.decode(whole), whole[:-40])
+    r = _restore(group, "ps/1", 1)
+    assert r.snapshot_id == sealed and any("manifest skipped" in s for s in r.log)
+    for h in range(3):  # the same manifest intact is restorable: only the truncation was wrong
+        group.store(h)._manifests[cut.snapshot_id] = (Manifest.decode(whole), whole)
+    assert _restore(group, "ps/1", 1).snapshot_id == cut.snapshot_id
+    job.close()
+
+
+def test_retention_and_compaction_bound_memory(tmp_path: Any) -> None:
+    g = LocalGroup(3, k=2, m=3, root=str(tmp_path / "shm"), job="test", keep=2, full_every=2)
+    try:
+        job = Job(g)
+        for _ in range(7):
+            job.train(2)
+            last = job.snapshot()
+            g.drain()
+        stats = [g.store(h).stats() for h in range(3)]
+        assert all(len(s["manifests"]) <= 4 for s in stats), stats
+        assert sum(s["records"] for s in stats) > 0  # composed full parts were recorded
+        r = _restore(g, "ps/0", 0)
+        assert_states_equal(r.state, job.expected[last]["ps/0"])
+        before = r.snapshot_id
+        g.kill(0)
+        g.restart(0)
+        r = _restore(g, "ps/0", 0)
+        assert r.snapshot_id == before
+        assert_states_equal(r.state, job.expected[last]["ps/0"])
+        job.close()
+    finally:
+        g.close()
+
+
+def test_disk_checkpoint_fallback_and_resharding(group: LocalGroup, tmp_path: Any) -> None:
+    ckpt_dir = str(tmp_path / "ckpt")
+    job = Job(group, ckpt_dir=ckpt_dir)
+    job.train()
+    sid = job.snapshot()
+    path = job.coord.checkpoint()
+    assert find_checkpoints(ckpt_dir) == [path]
+    assert not [n for n in os.listdir(ckpt_dir) if n.startswith(".tmp")]
+    ck = load_checkpoint(path)
+    assert ck.snapshot_id == sid and ck.num_shards == 2
+    # same shard count: every per-shard scalar and array comes back exactly
+    for i in range(2):
+        assert_states_equal(ck.shard_state(i), job.expected[sid][f"ps/{i}"])
+    assert_states_equal(ck.trainer_state(0)[0], job.expected[sid]["trainer/0"])
+    original = merge_shard_states([job.expected[sid]["ps/0"], job.expected[sid]["ps/1"]])
+    for m in (1, 3, 5):
+        states = [ck.shard_state(i, m) for i in range(m)]
+        for i, st in enumerate(states):
+            PSShard(i, m, TABLES).load_state_dict(st)  # validated: owned keys, shapes
+            for t in st["tables"].values():
+                assert (shard_of(t["keys"], m) == i).all()
+        merged = merge_shard_states(states)
+        for name, t in original.items():
+            for a in ("keys", "weights", "last_update", "update_count", "row_version",
+                      *[k for k in t if k.startswith("slot.")]):
+                assert np.array_equal(merged[name][a], t[a]), (m, name, a)
+    # everything in memory lost: the disk checkpoint is the last resort
+    for h in range(3):
+        group.kill(h)
+    with pytest.raises(NoValidSnapshotError, match="host 0"):
+        _restore(group, "ps/0", 0)
+    r = _restore(group, "ps/0", 0, ckpt=ckpt_dir)
+    assert r.source == "disk"
+    assert_states_equal(r.state, job.expected[sid]["ps/0"])
+    job.close()

@@ -1,0 +1,109 @@
+"""Ledger, fault plans, shared-memory segments, the snapshot policy, the torch-free SMP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from monolith_py.errors import ConfigError, InvalidInputError
+from monolith_py.snapshot.coordinator import SnapshotPolicy
+from monolith_py.snapshot.ledger import ExactlyOnceLedger
+from monolith_py.snapshot.shm import SegmentPool, attach
+from monolith_py.testing import faults
+from monolith_py.testing.clock import FakeClock
+
+
+def test_ledger_detects_duplicates_and_losses() -> None:
+    ids = np.array([3, -7, 2**62, 11], np.int64)
+    led = ExactlyOnceLedger()
+    led.update(torch.from_numpy(ids[:2]))
+    led.update(ids[2:])
+    assert led == ExactlyOnceLedger.of(ids[::-1])
+    twice = ExactlyOnceLedger.of(np.concatenate([ids, ids[:1]]))
+    lost = ExactlyOnceLedger.of(ids[1:])
+    assert twice != led and lost != led
+    back = ExactlyOnceLedger()
+    back.load_state_dict(led.state_dict())
+    assert back == led
+    with pytest.raises(InvalidInputError):
+        back.load_state_dict({"count": -1, "sum": 0, "xor": 0})
+    with pytest.raises(InvalidInputError):
+        led.update(np.array([1.5]))
+
+
+def test_fault_plan_is_reproducible_and_bounded(tmp_path: Any) -> None:
+    log_path = str(tmp_path / "faults.log")
+    plan = faults.FaultPlan(seed=3, phases={"a": 0.5}, label="x", action="raise",
+                            log_path=log_path, max_faults=2)
+    outcomes = []
+    for _ in range(2):
+        faults.install(plan)
+        seq = []
+        for _ in range(20):
+            try:
+                faults.fault_point("a")
+                faults.fault_point("b")          # not in the plan: never fails
+                seq.append(0)
+            except faults.InjectedFault:
+                seq.append(1)
+        outcomes.append(seq)
+    faults.install(None)
+    assert outcomes[0] == outcomes[1] and sum(outcomes[0]) == 2
+    assert faults.read_log(log_path) == [("x", "a")] * 4
+    assert faults.FaultPlan.from_env(plan.to_env("y")).label == "y"
+    with pytest.raises(ConfigError):
+        faults.FaultPlan(seed=1, phases={"a": 2.0})
+
+
+def test_fault_kill_is_a_real_sigkill(tmp_path: Any) -> None:
+    env = {**os.environ, faults.ENV: faults.FaultPlan(
+        seed=0, phases={"p": 1.0}, label="child", log_path=str(tmp_path / "l")).to_env()}
+    code = "from monolith_py.testing.faults import fault_point; fault_point('p'); print('alive')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60)
+    assert out.returncode == -9 and b"alive" not in out.stdout
+    assert faults.read_log(str(tmp_path / "l")) == [("child", "p")]
+
+
+def test_segments_are_recycled_and_checked(tmp_path: Any) -> None:
+    pool = SegmentPool(str(tmp_path / "seg"), keep_free_bytes=1 << 20)
+    a = pool.create(100_000)
+    with attach(a.path, a.capacity, directory=pool.directory) as view:
+        view[:3] = b"abc"
+    assert bytes(a.view[:3]) == b"abc"
+    pool.release(a)
+    b = pool.create(90_000)
+    assert b is a                                    # recycled: pages already faulted
+    with pytest.raises(InvalidInputError):
+        attach("/etc/passwd", 10)
+    with pytest.raises(InvalidInputError):
+        attach(a.path, a.capacity, directory=str(tmp_path))
+    pool.close()
+    again = SegmentPool(str(tmp_path / "seg"))      # a restarted SMP cleans its directory
+    assert again.stats()["live_segments"] == 0 and not os.listdir(again.directory)
+    again.close(remove_directory=True)
+
+
+def test_snapshot_policy_with_fake_clock() -> None:
+    clock = FakeClock(0.0)
+    pol = SnapshotPolicy(every_s=10.0, every_steps=100)
+    assert pol.due(now_s=clock(), step=0, last_s=None, last_step=None)
+    clock.advance(9.9)
+    assert not pol.due(now_s=clock(), step=50, last_s=0.0, last_step=0)
+    assert pol.due(now_s=clock(), step=100, last_s=0.0, last_step=0)
+    clock.advance(0.1)
+    assert pol.due(now_s=clock(), step=1, last_s=0.0, last_step=0)
+    with pytest.raises(ConfigError):
+        SnapshotPolicy(every_s=0, every_steps=0)
+
+
+def test_smp_side_does_not_import_torch() -> None:
+    code = ("import sys, monolith_py.snapshot.smp, monolith_py.snapshot.recovery, "
+            "monolith_py.snapshot.pspart, monolith_py.snapshot.cli; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert out.stdout.strip() == b"False", out.stderr.decode()[-2000:]
