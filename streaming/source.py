@@ -74,7 +74,8 @@ class SourceOptions:
 
     Attributes:
         start: where a partition without restored state begins: ``"earliest"`` or
-            ``"latest"``.
+            ``"latest"`` (on the local broker, whose end offsets lag inside the last
+            record batch, ``"latest"`` may re-read that batch's tail).
         fetch_max_bytes / max_partition_fetch_bytes: per fetch request and per partition;
             must exceed the largest message.
         max_poll_records: messages taken from kafka-python per poll.
@@ -245,7 +246,8 @@ class KafkaExampleSource:
     def close(self) -> None:
         """Close the consumer and the dead-letter producer."""
         self._stop.set()
-        self._restored = dict(self._next)  # a later open() resumes where this one was
+        if self._consumer is not None:
+            self._restored = dict(self._next)  # a later open() resumes where this one was
         self._buffer.clear()
         if self._dlq is not None:
             self._dlq.close()
