@@ -63,6 +63,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port")
     add_job_arguments(p)
+    from monolith_py.snapshot.cli import add_ps_snapshot_arguments
+
+    add_ps_snapshot_arguments(p)  # --smp, --restore ... (snapshots; see monolith_py.snapshot)
     p.set_defaults(func=_main)
 
 
@@ -96,7 +99,11 @@ def _main(args: argparse.Namespace) -> int:
     host = host or "127.0.0.1"
 
     shard = PSShard(args.shard, n, tables)
-    server = PSServer(shard, port, host, max_message_bytes=job.ps.max_message_bytes).start()
+    from monolith_py.snapshot.cli import ps_snapshot_handlers
+
+    snapshot_handlers = ps_snapshot_handlers(shard, args)  # restores first when asked
+    server = PSServer(shard, port, host, max_message_bytes=job.ps.max_message_bytes,
+                      extra_handlers=snapshot_handlers).start()
     if args.metrics_port is not None:
         from monolith_py.observe.metrics import serve_metrics
 
