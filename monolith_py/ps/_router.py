@@ -173,7 +173,7 @@ def pack(parts: Sequence[Part], bytes_per_key: Mapping[str, int], budget: int
         per = bytes_per_key[p.table] + 1  # + alignment slack
         lo, n = 0, int(p.keys.shape[0])
         while lo < n:
-            fit = room // per
+            fit = (room - 64) // per  # 64: this slice's share of header and alignment
             if fit <= 0 or len(current) >= 512:
                 if not current:
                     raise InvalidInputError(
