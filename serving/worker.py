@@ -151,16 +151,23 @@ class ServingWorker:
         return self
 
     def serve_forever(self) -> None:
-        """Start syncing and serve HTTP in this thread until SIGINT/SIGTERM."""
-        self.start_sync()
-        self._sock = self._bind()
-        self._server = self._uvicorn()
-        log.info("serving on http://%s:%d (shards: %s)", self.config.host, self.port,
-                 ",".join(self.config.ps))
+        """Start, then serve until SIGINT/SIGTERM; stop cleanly (exit code 0)."""
+        import signal
+
+        done = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: done.set())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._server.run(sockets=[self._sock])
+            self.start()
+            log.info("serving on http://%s:%d (shards: %s)", self.config.host, self.port,
+                     ",".join(self.config.ps))
+            while not done.wait(0.5):
+                if self._thread is not None and not self._thread.is_alive():
+                    break  # the HTTP server died: stop and let the exit code say so
         finally:
             self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def wait_ready(self, timeout: float) -> bool:
         """Poll until a model is loaded and every shard synced (or ``timeout``)."""

@@ -177,8 +177,10 @@ class ShardPublisher:
             if not full and since == versions[name]:
                 continue
             d = t.changes_since(since)
+            # a full delta replaces the reader's rows: deletions are implied
+            deleted = d.deleted_keys if not full else np.zeros(0, np.int64)
             patches[name] = TablePatch(name, int(t.dim), since, int(d.version), d.keys,
-                                       d.rows, d.deleted_keys)
+                                       d.rows, deleted)
         if not full and not patches:
             return None
         (self._m_full if full else self._m_deltas).labels(shard=str(self.shard)).inc()
