@@ -76,7 +76,7 @@ class LocalHost:
         self._start_keeper()
 
     def _start_keeper(self) -> None:
-        self.keeper = subprocess.Popen(["sleep", "100000"], start_new_session=True,
+        self.keeper = subprocess.Popen(["sleep", "100000"], process_group=0,
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
 
