@@ -20,7 +20,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from monolith_py.errors import ConfigError
+from monolith_py.errors import ConfigError, InvalidInputError
 from monolith_py.table import _kernels as K
 from monolith_py.table._arrays import aligned_empty, as_keys, as_values, check_reserved
 
@@ -28,6 +28,7 @@ __all__ = ["CuckooHashMap"]
 
 _PARALLEL_MIN = 1 << 16  # batches at least this long use every core for find()
 _MIN_BUCKETS = 2
+_MAX_BUCKETS = 1 << 32  # the multiply-shift bucket reduction works on 32-bit halves
 _STREAM_MIN = 1 << 15  # maps at least this big rehash with the parallel streaming kernel
 _STREAM_PARTS = 16
 
@@ -68,9 +69,18 @@ class CuckooHashMap:
         growth_factor: float = 2.0,
         hash_seed: int | None = None,
     ) -> None:
-        if not isinstance(initial_capacity, (int, np.integer)) or initial_capacity < 1:
+        if not isinstance(initial_capacity, (int, np.integer)) or not (
+            1 <= initial_capacity <= _MAX_BUCKETS * K.SLOTS
+        ):
             raise ConfigError(
-                f"initial_capacity must be a positive int, got {initial_capacity!r}"
+                f"initial_capacity must be an int in [1, 2**34], got {initial_capacity!r}"
+            )
+        if not isinstance(max_load_factor, (int, float)) or not isinstance(
+            growth_factor, (int, float)
+        ):
+            raise ConfigError(
+                f"max_load_factor and growth_factor must be numbers, got {max_load_factor!r}, "
+                f"{growth_factor!r}"
             )
         if not (0.0 < float(max_load_factor) <= 0.97):
             raise ConfigError(
@@ -141,13 +151,19 @@ class CuckooHashMap:
         return max(_MIN_BUCKETS, math.ceil(keys / (self._max_load * K.SLOTS)))
 
     def _resize(self, buckets: int) -> None:
+        buckets = min(buckets, _MAX_BUCKETS)
+        if buckets <= self.num_buckets:
+            raise InvalidInputError(
+                f"CuckooHashMap is full: {self._size} keys in {self.capacity} slots, the "
+                "most one map can address; shard the keys over more maps"
+            )
         while True:
             new = self._rehashed(buckets)
             if new is not None:
                 self._tab = new
                 self.grow_count += 1
                 return
-            buckets = int(buckets * 1.1) + 1  # pragma: no cover - no path at low load
+            buckets = min(int(buckets * 1.1) + 1, _MAX_BUCKETS)  # pragma: no cover
 
     def _rehashed(self, buckets: int) -> np.ndarray | None:
         """A new table of ``buckets`` holding every key, or None if one did not fit."""
