@@ -190,6 +190,9 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
     if not 0 <= rank < world:
         raise ConfigError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world}")
     tables = job.require_tables()
+    if world > 1 and not job.ps.addresses:
+        raise ConfigError("several trainers need shared PS shards: give --ps host:port,... "
+                          "(ps.addresses)")
     if world > 1:
         dist.init_process_group(
             "gloo", init_method=job.trainers.dist_init, rank=rank, world_size=world,
@@ -203,9 +206,6 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
                 deadline_s=job.ps.deadline_s, connect_timeout_s=job.ps.connect_timeout_s,
                 max_message_bytes=job.ps.max_message_bytes, async_push=job.ps.async_push))
             backend = client
-        elif world > 1:
-            raise ConfigError("several trainers need shared PS shards: give --ps "
-                              "host:port,... (ps.addresses)")
         else:
             backend = ShardedBackend.build(tables, 1)
         feed = _Prefetch(source if source is not None else kafka_batches(job, rank))
