@@ -27,7 +27,7 @@ __all__: list[str] = []  # private module
 EMPTY = np.int64(np.iinfo(np.int64).min)
 SLOTS = 4
 WIDTH = 8  # words per bucket: SLOTS keys then SLOTS values
-_PF = 12  # prefetch distance (keys ahead)
+_PF = 20  # prefetch distance (keys ahead)
 _CHUNK = 8192  # keys per parallel work item
 _QMAX = 1024  # BFS queue size (buckets)
 
