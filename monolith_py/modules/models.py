@@ -159,7 +159,8 @@ class DLRM(nn.Module):
             stacked = torch.cat([*(p.unsqueeze(1) for p in parts),
                                  emb.view(b, len(self._dims), -1)], dim=1)
             dots = torch.bmm(stacked, stacked.transpose(1, 2))
-            x = torch.cat([*parts, dots[:, self._iu[0], self._iu[1]]], dim=1)
+            iu: torch.Tensor = self._iu  # type: ignore[assignment]
+            x = torch.cat([*parts, dots[:, iu[0], iu[1]]], dim=1)
         return self.top(x).squeeze(1)
 
 
