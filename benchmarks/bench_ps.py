@@ -63,6 +63,7 @@ def _job_args(args: argparse.Namespace, names: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import os
     import statistics
     import time
 
@@ -161,6 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows_inproc": rows["inproc"],
         "rows_rpc": rows["rpc"],
         "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "machine": machine_info(),
     }
     return out
