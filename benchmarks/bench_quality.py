@@ -43,7 +43,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", choices=("dlrm", "deepfm"), default="dlrm")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N ratings")
     p.add_argument("--data-dir", default=None, help="MovieLens directory (default: examples/data)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run seeds seed..seed+N-1 and report the mean AUCs (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_main)
 
@@ -113,6 +115,35 @@ def _init_uniform(ebc: Any, scale: float, seed: int) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """All seeds: the AUC fields are means over seeds, ``per_seed`` lists each run."""
+    import statistics
+
+    from benchmarks._common import machine_info
+    from monolith_py.datasets import load_movielens
+
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+    replay = load_movielens(args.data_dir)
+    runs = [
+        _one_seed(argparse.Namespace(**{**vars(args), "seed": args.seed + i}), replay)
+        for i in range(args.seeds)
+    ]
+    out = dict(runs[0])
+    for key in ("auc_collisionless", "auc_hashed", "auc_mch"):
+        out[key] = round(statistics.fmean(r[key] for r in runs), 5)
+    for key in ("log_loss", "window_auc"):
+        out[key] = {v: round(statistics.fmean(r[key][v] for r in runs), 5)
+                    for v in runs[0][key]}
+    out["seeds"] = [r["seed"] for r in runs]
+    out["per_seed"] = [
+        {k: r[k] for k in ("seed", "auc_collisionless", "auc_hashed", "auc_mch")} for r in runs
+    ]
+    out.pop("seed")
+    out["machine"] = machine_info()
+    return out
+
+
+def _one_seed(args: argparse.Namespace, replay: Any) -> dict[str, Any]:
     import dataclasses
 
     import numpy as np
@@ -125,13 +156,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         MCHManagedCollisionModule,
     )
 
-    from benchmarks._common import machine_info
     from monolith_py.batch import Batch
-    from monolith_py.datasets import DENSE_FEATURES, SPARSE_FEATURES, load_movielens
+    from monolith_py.datasets import DENSE_FEATURES, SPARSE_FEATURES
     from monolith_py.modules import DynamicEmbeddingBagCollection
     from monolith_py.table import OptimizerConfig, TableConfig
 
-    replay = load_movielens(args.data_dir)
     batches = list(replay.batches(args.batch_size, 0, args.limit))
     n_ex = sum(len(b) for b in batches)
     names = SPARSE_FEATURES
@@ -227,7 +256,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lr=args.lr,
         dense_lr=args.dense_lr,
         seed=args.seed,
-        machine=machine_info(),
     )
     return result
 
