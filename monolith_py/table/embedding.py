@@ -25,6 +25,7 @@ from monolith_py.table.optim import apply_optimizer, new_scratch, slot_specs
 __all__ = ["EmbeddingTable"]
 
 _EMPTY_KEYS = np.zeros(0, dtype=np.int64)
+_NEVER = int(np.iinfo(np.int64).max)
 
 
 def _as_int(value: Any, name: str = "now") -> int:
@@ -86,6 +87,7 @@ class EmbeddingTable:
         self._log = DeletionLog()
         self._version = 0
         self._clock = 0
+        self._oldest = _NEVER  # lower bound of the live rows' last_update (expiry fast path)
         self._counters = {"admitted": 0, "filtered": 0, "evicted": 0, "erased": 0}
         if self._filter is not None:
             self._filter.clear()
@@ -141,6 +143,7 @@ class EmbeddingTable:
         a.last_update[rows] = self._clock
         a.update_count[rows] = 0
         a.version[rows] = version
+        self._oldest = min(self._oldest, self._clock)
         if admitted:
             self._counters["admitted"] += int(keys.shape[0])
         return rows
@@ -215,11 +218,15 @@ class EmbeddingTable:
         t = _as_int(now)
         self._clock = max(self._clock, t)
         ttl = self._config.ttl_seconds
-        if ttl is None or len(self) == 0:
-            return torch.zeros(0, dtype=torch.int64)
+        if ttl is None or len(self) == 0 or not expired(np.array([self._oldest]), t, ttl)[0]:
+            return torch.zeros(0, dtype=torch.int64)  # even the oldest row is fresh enough
         a = self._arena
         live = a.live_rows()
-        rows = live[expired(a.last_update[live], t, ttl)]
+        last = a.last_update[live]
+        gone = expired(last, t, ttl)
+        keep = last[~gone]
+        self._oldest = int(keep.min()) if keep.shape[0] else _NEVER
+        rows = live[gone]
         if not rows.shape[0]:
             return torch.zeros(0, dtype=torch.int64)
         keys = np.sort(a.key[rows])
@@ -300,6 +307,7 @@ class EmbeddingTable:
         for name, (_, init) in self._specs.items():
             a.slots[name][r] = sl[name] if name in sl else init
         a.last_update[r] = md.get("last_update", self._clock)
+        self._oldest = min(self._oldest, int(a.last_update[r].min()))
         a.update_count[r] = md.get("update_count", 0)
         a.version[r] = version
         self._version = version
@@ -395,6 +403,7 @@ class EmbeddingTable:
         self._pending = s["pending"].copy()
         self._version = s["version"]
         self._clock = s["clock"]
+        self._oldest = int(s["last_update"].min()) if n else _NEVER
         self._counters = {name: s[f"stat.{name}"] for name in self._counters}
         if self._filter is not None:
             self._filter.load_state_dict({"counters": s["filter.counters"]})

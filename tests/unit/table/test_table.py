@@ -382,3 +382,15 @@ def test_two_shards_merge_into_the_state_of_one_table() -> None:
     # each key's sightings live in one shard: few keys in a roomy sketch -> same counts
     assert sk.estimate(ids).tolist() == whole_sk.estimate(ids).tolist()
     assert sk.estimate(ids).max() == 2
+
+
+def test_expiry_sees_rows_loaded_with_old_times() -> None:
+    t = table(ttl_seconds=10)
+    t.apply_gradients(k(1), torch.ones(1, 4), now=100)
+    assert t.evict_expired(105).numel() == 0  # fast path: nothing can be expired
+    t.load_rows(k(2), torch.ones(1, 4), meta={"last_update": k(50)})
+    assert t.evict_expired(105).tolist() == [2]
+    u = table(ttl_seconds=10)
+    t.load_rows(k(3), torch.ones(1, 4), meta={"last_update": k(60)})
+    u.load_state_dict(t.state_dict())
+    assert u.evict_expired(105).tolist() == [3] and u.evict_expired(111).tolist() == [1]
