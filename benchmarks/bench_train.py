@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
                    help="rows our tables allocate up front (they grow past it; TorchRec's hold "
                         "all --ids rows)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: torch's default, one per core)")
     p.add_argument("--no-torchrec", action="store_true", help="skip the TorchRec anchor")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_main)
@@ -105,6 +107,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from monolith_py.modules import DynamicEmbeddingBagCollection
     from monolith_py.table import TableConfig
 
+    if args.threads > 0:
+        import numba
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     steps, warmup = int(args.steps), int(args.warmup)
     data = _zipf_batches(args, steps + warmup)
     names = [f"f{i}" for i in range(args.features)]
