@@ -58,6 +58,8 @@ def register_smp(subparsers: Any) -> None:
     p.add_argument("--keep", type=int, default=2, help="sealed snapshots retained (default 2)")
     p.add_argument("--full-every", type=int, default=8,
                    help="compose a full part after this many increments (0: never)")
+    p.add_argument("--place-timeout-s", type=float, default=60.0,
+                   help="how long block placement retries an unavailable peer (default 60)")
     p.add_argument("--shm-dir", default=None,
                    help="segment directory (default /dev/shm/monolith-<job>-h<host>)")
     p.add_argument("--nice", type=int, default=10,
@@ -80,7 +82,8 @@ def _smp_main(args: argparse.Namespace) -> int:
     if peers and len(peers) != n:
         raise ConfigError(f"--peers lists {len(peers)} hosts but --num-hosts is {n}")
     cfg = SMPConfig(job=args.job, host_id=args.host_id, num_hosts=n, k=args.k, m=args.m,
-                    keep=args.keep, full_every=args.full_every, shm_dir=args.shm_dir)
+                    keep=args.keep, full_every=args.full_every, shm_dir=args.shm_dir,
+                    place_timeout_s=args.place_timeout_s)
     if args.nice:
         try:
             os.nice(int(args.nice))

@@ -322,7 +322,17 @@ class Recovery:
             if participant not in man.parts:
                 continue
             try:
-                out = self._build(cat, man, participant)
+                try:
+                    out = self._build(cat, man, participant)
+                except MonolithError as first:
+                    # the SMPs may have moved on (a composed full part replaced a chain
+                    # since the catalog was read): read the catalog again, once
+                    self._note(f"{participant}: snapshot {man.snapshot_id}: {first}; "
+                               "re-reading the catalog")
+                    cat = self.catalog()
+                    if man.snapshot_id not in cat.manifests:
+                        raise
+                    out = self._build(cat, cat.manifests[man.snapshot_id], participant)
                 self._note(f"{participant}: restored snapshot {man.snapshot_id} (step "
                            f"{man.step}) from SMPs")
                 out.log = list(self.steps)

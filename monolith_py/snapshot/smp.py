@@ -140,8 +140,12 @@ class SMPServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self) -> SMPServer:
+    def start(self, repair: bool = True) -> SMPServer:
+        """Serve; with ``repair`` (and peers) rebuild this host's share of the retained
+        snapshots from the peers in the background (``stats()["repair"]`` once done)."""
         self._server.start()
+        if repair and self.peers is not None:
+            self.store.start_repair(dict(self.peers.clients))
         log.info("SMP host %d of job %s serving on %s (k=%d, m=%d, keep=%d, segments in %s)",
                  self.config.host_id, self.config.job, self.address, self.config.k,
                  self.config.m, self.config.keep, self.store.pool.directory)

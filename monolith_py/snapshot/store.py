@@ -203,6 +203,7 @@ class SnapshotStore:
         self._send = ThreadPoolExecutor(max_workers=max(1, config.m - 1),
                                         thread_name_prefix="smp-send")
         self._closed = False
+        self._repair_result: dict[str, int] | None = {}
         self._worker = threading.Thread(target=self._work, name="smp-worker", daemon=True)
         self._worker.start()
         h = str(config.host_id)
@@ -523,10 +524,10 @@ class SnapshotStore:
         keys: set[PartKey] = set()
         mans: set[int] = set()
 
-        def resolve(p: str, sid: int, depth: int) -> None:
+        def resolve(p: str, sid: int, depth: int, own_chain: bool = False) -> None:
             if depth > 10_000:
                 return
-            if (p, sid, "full") in self._records:
+            if (p, sid, "full") in self._records and not own_chain:
                 keys.add((p, sid, "full"))
                 return
             entry = self._manifests.get(sid)
@@ -545,6 +546,11 @@ class SnapshotStore:
             for p in self._manifests[sid][0].parts:
                 keys.add((p, sid, "full"))  # a compaction may be on its way
                 resolve(p, sid, 0)
+                if sid == sealed[-1]:
+                    # the newest snapshot also keeps the part its manifest names until the
+                    # next seal: a reader holding a catalog from before a compaction record
+                    # arrived can still read it
+                    resolve(p, sid, 0, own_chain=True)
         return keys, mans, sealed[-1]
 
     def _collect(self) -> None:
@@ -671,6 +677,78 @@ class SnapshotStore:
                     return frames[::-1]
                 sid = rec.base_id
 
+    # -- repair after a restart -----------------------------------------------------------------------
+
+    def repair(self, sources: dict[int, Any]) -> dict[str, int]:
+        """Re-protect this host's share after a restart: learn the sealed catalog from the
+        peers (``sources``: ``{host: PartSource}``), then rebuild (erasure decode from
+        peers) every whole part this host is home of and every block placed here that
+        the retained snapshots need. Runs on the worker thread (see :meth:`start_repair`)."""
+        from monolith_py.snapshot.codec import encode_parity
+        from monolith_py.snapshot.recovery import Recovery
+
+        me = self.config.host_id
+        rec = Recovery({**sources, me: self}, me, job=self.config.job)
+        cat = rec.catalog()
+        with self._mu:
+            for sid, man in cat.manifests.items():
+                self._manifests.setdefault(sid, (man, man.encode()))
+            for k, r in cat.records.items():
+                self._records.setdefault(k, r)
+        self._collect()
+        with self._mu:
+            keys, _, _ = self._needed()
+            records = {r.key: r for _, (m, _) in self._manifests.items() for r in m.parts.values()}
+            records.update(self._records)
+        done = {"parts": 0, "blocks": 0, "failed": 0}
+        for key in sorted(keys, key=lambda k: (k[1], k[0], k[2])):
+            r = records.get(key)
+            if r is None or me not in r.placement:
+                continue
+            idx = r.placement.index(me)
+            with self._mu:
+                have = key in self._parts if idx == 0 else (*key, idx) in self._blocks
+            if have:
+                continue
+            try:
+                data = rec.part_bytes(r)
+                if idx == 0:
+                    seg = self.pool.create(r.size)
+                    seg.view[: r.size] = data
+                    with self._mu:
+                        self._parts.setdefault(key, _Blob(seg, r.size))
+                    done["parts"] += 1
+                    continue
+                blk = data_block(data, idx, r.k) if idx < r.k else \
+                    encode_parity(data, r.k, r.m)[idx - r.k]
+                if crc32c.crc32c(blk) != r.block_crcs[idx]:
+                    raise CorruptDataError(f"rebuilt block {idx} of {key} fails its crc")
+                seg = self.pool.create(len(blk))
+                seg.view[: len(blk)] = blk
+                with self._mu:
+                    self._blocks.setdefault((*key, idx), _Blob(seg, len(blk)))
+                done["blocks"] += 1
+            except Exception as exc:
+                done["failed"] += 1
+                log.warning("SMP %d: cannot rebuild %s: %s: %s", me, key, type(exc).__name__, exc)
+        rec.close()
+        self._repair_result = done
+        log.info("SMP %d repaired after restart: %s", me, done)
+        return done
+
+    def start_repair(self, sources: dict[int, Any]) -> None:
+        """Queue :meth:`repair` on the worker thread."""
+        self._repair_result = None
+        self._queue.put(lambda: self._repair_quietly(sources))
+
+    def _repair_quietly(self, sources: dict[int, Any]) -> None:
+        try:
+            self.repair(sources)
+        except Exception as exc:
+            self._repair_result = {"parts": 0, "blocks": 0, "failed": -1}
+            log.warning("SMP %d: repair failed: %s: %s", self.config.host_id,
+                        type(exc).__name__, exc)
+
     # -- misc ----------------------------------------------------------------------------------------
 
     def _reject(self, what: str) -> None:
@@ -683,6 +761,7 @@ class SnapshotStore:
             return {"host": self.config.host_id, "parts": len(self._parts),
                     "blocks": len(self._blocks), "manifests": sorted(self._manifests),
                     "records": len(self._records), "stored_bytes": stored,
+                    "repair": self._repair_result,
                     "pending_jobs": self._queue.qsize(), **self.pool.stats()}
 
     def drain(self, timeout_s: float = 60.0) -> None:

@@ -9,7 +9,9 @@ itself with ``SIGKILL`` — the same thing ``kill -9`` does, no cleanup, no ``fi
 with ``action="raise"``, raises :class:`InjectedFault` (in-process tests).
 
 A child process inherits the plan through the ``MONOLITH_FAULTS`` environment variable
-(:meth:`FaultPlan.to_env`); it is installed when this module is first imported.
+(:meth:`FaultPlan.to_env`); it is installed when this module is first imported. With
+``MONOLITH_FAULTS_FILE=<path>`` instead, the process (re)loads the plan whenever that file
+changes (and drops it when the file is removed), so a test can arm a running process.
 
 Example::
 
@@ -37,9 +39,11 @@ from typing import Any
 
 from monolith_py.errors import ConfigError, MonolithError
 
-__all__ = ["FaultPlan", "InjectedFault", "install", "fault_point", "hits", "ENV", "read_log"]
+__all__ = ["FaultPlan", "InjectedFault", "install", "fault_point", "hits", "ENV", "FILE_ENV",
+           "read_log", "arm"]
 
 ENV = "MONOLITH_FAULTS"
+FILE_ENV = "MONOLITH_FAULTS_FILE"
 log = logging.getLogger("monolith.faults")
 
 
@@ -128,8 +132,55 @@ def read_log(path: str) -> list[tuple[str, str]]:
         return []
 
 
+_plan_file: str | None = None
+_plan_stamp: tuple[int, int] | None = None
+
+
+def arm(path: str, plan: FaultPlan | None) -> None:
+    """Write ``plan`` to a plan file watched by a process (``None``: disarm)."""
+    if plan is None:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(plan.to_env())
+    os.replace(tmp, path)
+
+
+_reload_lock = threading.Lock()
+
+
+def _reload() -> None:
+    global _plan_stamp
+    assert _plan_file is not None
+    try:
+        st = os.stat(_plan_file)
+        stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_ino)
+    except FileNotFoundError:
+        stamp = None
+    if stamp == _plan_stamp:
+        return
+    with _reload_lock:  # one thread installs a new plan, once
+        if stamp == _plan_stamp:
+            return
+        _plan_stamp = stamp
+        if stamp is None:
+            install(None)
+            return
+        try:
+            with open(_plan_file) as f:
+                install(FaultPlan.from_env(f.read()))
+        except (OSError, ConfigError) as exc:
+            log.warning("fault plan file %s unreadable: %s", _plan_file, exc)
+
+
 def fault_point(name: str) -> None:
     """Maybe fail here (see the module docstring); a no-op without a plan."""
+    if _plan_file is not None:
+        _reload()
     plan = _plan
     if plan is None:
         return
@@ -158,9 +209,11 @@ def fault_point(name: str) -> None:
 
 
 def _from_environment(env: Mapping[str, Any]) -> None:
+    global _plan_file
     text = env.get(ENV)
     if text:
         install(FaultPlan.from_env(text))
+    _plan_file = env.get(FILE_ENV) or None
 
 
 _from_environment(os.environ)

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from monolith_py.errors import UnavailableError
 
@@ -151,20 +151,24 @@ class LocalCluster:
         num_hosts, k, m, keep, full_every: the SMP group's settings.
         job: job name.
         workdir: logs and ready files (default: a temporary directory, removed on stop).
-        smp_env: extra environment of every SMP (e.g. a fault plan).
+        smp_env: extra environment of every SMP (e.g. a fault plan), or a function of the
+            host index returning it.
     """
 
     def __init__(self, num_hosts: int, *, job: str = "test", k: int = 2, m: int = 3,
                  keep: int = 2, full_every: int = 0, workdir: str | None = None,
-                 smp_env: Mapping[str, str] | None = None, start_timeout_s: float = 120.0) -> None:
+                 smp_env: Mapping[str, str] | Callable[[int], Mapping[str, str]] | None = None,
+                 start_timeout_s: float = 120.0,
+                 place_timeout_s: float = 10.0) -> None:
         self.job = job
         self.k, self.m, self.keep, self.full_every = k, m, keep, full_every
         self._own = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="monolith-cluster-")
         self.shm_root = tempfile.mkdtemp(prefix=f"monolith-{job}-", dir="/dev/shm"
                                          if os.path.isdir("/dev/shm") else None)
-        self.smp_env = dict(smp_env or {})
+        self.smp_env = smp_env if callable(smp_env) else dict(smp_env or {})
         self.start_timeout_s = start_timeout_s
+        self.place_timeout_s = place_timeout_s
         self.smp_ports = [free_port() for _ in range(num_hosts)]
         self.hosts = [LocalHost(h, self.workdir, os.path.join(self.shm_root, f"h{h}"))
                       for h in range(num_hosts)]
@@ -182,6 +186,7 @@ class LocalCluster:
                 "--peers", ",".join(self.smp_addresses), "--k", str(self.k), "--m", str(self.m),
                 "--keep", str(self.keep), "--full-every", str(self.full_every),
                 "--shm-dir", self.hosts[host].shm_dir, "--nice", "0",
+                "--place-timeout-s", str(self.place_timeout_s),
                 "--ready-file", self._ready("smp", host)]
 
     def start_smp(self, host: int, env: Mapping[str, str] | None = None, wait: bool = True
@@ -189,7 +194,8 @@ class LocalCluster:
         ready = self._ready("smp", host)
         if os.path.exists(ready):
             os.remove(ready)
-        proc = self.hosts[host].spawn("smp", self.smp_command(host), {**self.smp_env, **(env or {})})
+        base = self.smp_env(host) if callable(self.smp_env) else self.smp_env
+        proc = self.hosts[host].spawn("smp", self.smp_command(host), {**base, **(env or {})})
         if wait:
             wait_file(ready, proc, self.start_timeout_s, self.hosts[host].log_path("smp"))
         return proc

@@ -144,6 +144,25 @@ def test_local_then_erasure_decode_after_host_loss(group: LocalGroup) -> None:
     job.close()
 
 
+def test_restarted_smp_repairs_its_share(group: LocalGroup) -> None:
+    job = Job(group)
+    job.train()
+    job.snapshot()
+    job.train()
+    last = job.snapshot()
+    group.kill(0)
+    group.restart(0)
+    done = group.store(0).repair({h: group.source(h) for h in (1, 2)})
+    assert done["parts"] >= 1 and done["blocks"] >= 1 and done["failed"] == 0
+    assert last in group.store(0).stats()["manifests"]
+    group.kill(1)  # a second loss is survivable only because host 0 rebuilt its share
+    for who, host in (("ps/0", 0), ("ps/1", 1), ("trainer/0", 2)):
+        r = _restore(group, who, host)
+        assert r.snapshot_id == last
+        assert_states_equal(r.state, job.expected[last][who])
+    job.close()
+
+
 def test_corrupt_copies_are_excluded_and_older_snapshot_used(group: LocalGroup) -> None:
     job = Job(group)
     job.train()
