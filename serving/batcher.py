@@ -63,11 +63,18 @@ class MicroBatcher(Generic[T, R]):
             is already waiting).
         max_queued: most examples waiting; beyond it :meth:`submit` raises
             :class:`OverloadedError`.
+        inline: run the model on the event loop itself (one thread, no handoffs; the loop
+            is busy during each model call) instead of on a worker thread.
+        thread_init: called once on the thread that runs the model, before its first
+            call (e.g. ``torch.set_num_threads``: OpenMP settings are per thread, and a
+            new thread would otherwise spin up one OpenMP worker per core for every
+            small op).
     """
 
     def __init__(self, run: Callable[[Sequence[T]], tuple[Sequence[R], str]], *,
                  size: Callable[[T], int], max_examples: int = 1024, max_wait_s: float = 0.0,
-                 max_queued: int = 65536) -> None:
+                 max_queued: int = 65536, inline: bool = False,
+                 thread_init: Callable[[], None] | None = None) -> None:
         self._run = run
         self._size = size
         self._max = int(max_examples)
@@ -79,9 +86,14 @@ class MicroBatcher(Generic[T, R]):
         self._m_batch = histogram("monolith_serving_batch_examples",
                                   "Examples per model call.", buckets=_BATCH_BUCKETS)
         self._m_run = histogram("monolith_serving_model_seconds", "Time of one model call.")
-        self._thread = threading.Thread(target=self._loop, name="serving-batcher", daemon=True)
+        self._inline = bool(inline)
+        self._init = thread_init
+        self._pending: list[Any] = []
+        self._scheduled = False
         self._closed = False
-        self._thread.start()
+        self._thread = threading.Thread(target=self._loop, name="serving-batcher", daemon=True)
+        if not self._inline:
+            self._thread.start()
 
     def submit(self, item: T) -> asyncio.Future[tuple[R, str]]:
         """Queue ``item``; the returned future (of the running loop) gets
@@ -95,17 +107,46 @@ class MicroBatcher(Generic[T, R]):
             self._queued += n
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[R, str]] = loop.create_future()
-        self._q.put((item, n, fut, loop))
+        if self._inline:
+            self._pending.append((item, n, fut, loop))
+            if not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._drain, loop, 1)
+        else:
+            self._q.put((item, n, fut, loop))
         return fut
+
+    def _drain(self, loop: asyncio.AbstractEventLoop, rounds: int) -> None:
+        """Inline mode: run the waiting items on the event loop. Scheduled with
+        ``call_soon`` by the first submit, it runs once every handler already made ready
+        in this loop iteration has submitted (and waits ``rounds`` more iterations), so
+        concurrent requests share one model call without any thread handoff."""
+        if rounds > 0 and len(self._pending) < self._max:
+            loop.call_soon(self._drain, loop, rounds - 1)
+            return
+        self._scheduled = False
+        if self._init is not None:
+            self._init()
+            self._init = None
+        while self._pending:
+            batch, total = [], 0
+            while self._pending and (not batch or total + self._pending[0][1] <= self._max):
+                nxt = self._pending.pop(0)
+                batch.append(nxt)
+                total += nxt[1]
+            self._execute(batch, total, inline=True)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker after the queued items."""
         with self._mu:
             self._closed = True
-        self._q.put(None)
-        self._thread.join(timeout)
+        if not self._inline:
+            self._q.put(None)
+            self._thread.join(timeout)
 
     def _loop(self) -> None:
+        if self._init is not None:
+            self._init()
         carry = None
         while True:
             first = carry if carry is not None else self._q.get()
@@ -134,7 +175,7 @@ class MicroBatcher(Generic[T, R]):
             if stop:
                 return
 
-    def _execute(self, batch: list[Any], total: int) -> None:
+    def _execute(self, batch: list[Any], total: int, inline: bool = False) -> None:
         with self._mu:
             self._queued -= total
         self._m_batch.observe(total)
@@ -146,6 +187,9 @@ class MicroBatcher(Generic[T, R]):
             results, tag, errs = [None] * len(batch), "", [exc] * len(batch)
         self._m_run.observe(time.perf_counter() - t0)
         for (_, _, fut, loop), res, err in zip(batch, results, errs):
+            if inline:
+                _resolve(fut, None if err else (res, tag), err)
+                continue
             try:
                 loop.call_soon_threadsafe(_resolve, fut, None if err else (res, tag), err)
             except RuntimeError:  # the loop is closed: nobody waits any more

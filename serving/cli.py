@@ -38,6 +38,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-wait-ms", type=float, default=0.0,
                    help="extra wait for more requests before a model call (default 0)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--batching", choices=("thread", "inline"), default="thread",
+                   help="run the model on a batcher thread (default) or on the event loop")
     p.add_argument("--openapi", metavar="PATH", default=None,
                    help="write the OpenAPI spec (JSON) to PATH ('-': stdout) and exit")
     p.set_defaults(func=_run)
@@ -84,6 +86,6 @@ def _run(args: argparse.Namespace) -> int:
     config = ServeConfig(ps=ps, host=args.host, port=args.port,
                          sync_interval_s=args.sync_interval, fp16=args.fp16, limits=limits,
                          max_batch_examples=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         torch_threads=args.torch_threads)
+                         torch_threads=args.torch_threads, batching=args.batching)
     ServingWorker(config).serve_forever()
     return 0

@@ -41,6 +41,9 @@ class ServeConfig:
         max_batch_examples: most examples in one model call.
         max_wait_ms: extra wait for more requests before a model call (0: none).
         torch_threads: intra-op threads of the model (small: many small calls).
+        batching: ``"thread"`` (the model runs on a batcher thread; the event loop keeps
+            parsing requests meanwhile) or ``"inline"`` (on the event loop: no thread
+            handoffs).
         request_timeout_s: a predict waits at most this long for the model.
         name: worker name in the shards' logs.
     """
@@ -54,6 +57,7 @@ class ServeConfig:
     max_batch_examples: int = 2048
     max_wait_ms: float = 0.0
     torch_threads: int = 1
+    batching: str = "thread"
     request_timeout_s: float = 10.0
     name: str = ""
 
@@ -71,6 +75,8 @@ class ServeConfig:
         if self.max_batch_examples < 1 or self.max_wait_ms < 0 or self.torch_threads < 1:
             raise ConfigError("max_batch_examples and torch_threads must be >= 1 and "
                               "max_wait_ms >= 0")
+        if self.batching not in ("thread", "inline"):
+            raise ConfigError(f"batching must be 'thread' or 'inline', got {self.batching!r}")
         if not self.request_timeout_s > 0:
             raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
 
@@ -93,7 +99,8 @@ class ServingWorker:
         self.store = ServingStore(len(config.ps), fp16=config.fp16)
         self.batcher: MicroBatcher[Any, Any] = MicroBatcher(
             self.store.predict, size=lambda p: p.n, max_examples=config.max_batch_examples,
-            max_wait_s=config.max_wait_ms / 1000.0)
+            max_wait_s=config.max_wait_ms / 1000.0, inline=config.batching == "inline",
+            thread_init=lambda: torch.set_num_threads(config.torch_threads))
         self.app = create_app(self.store, self.batcher, config.limits,
                               request_timeout_s=config.request_timeout_s)
         self._cold = cold_start
