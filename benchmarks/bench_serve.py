@@ -322,7 +322,7 @@ async def _freshness(tr: _Training, port: int, probes: int, sync_interval: float
                 {"features": {f: [control] for f in FEATURES}, "dense": dense}]})
             status, body = await conn.call(req)
             s = json.loads(body)["scores"]
-            if status != 200 or s[0] != s[1]:
+            if status != 200 or abs(s[0] - s[1]) > 1e-6:
                 raise RuntimeError(f"probe {probe} is not at the default before its update")
             await asyncio.sleep(float(rng.uniform(0, sync_interval)))  # random phase
             t0 = time.perf_counter()
@@ -330,7 +330,7 @@ async def _freshness(tr: _Training, port: int, probes: int, sync_interval: float
             while True:
                 status, body = await conn.call(req)
                 s = json.loads(body)["scores"]
-                if s[0] != s[1]:
+                if abs(s[0] - s[1]) > 1e-6:  # the update moves the score far more
                     out.append(time.perf_counter() - t0)
                     break
                 if time.perf_counter() - t0 > 30:

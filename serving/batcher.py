@@ -129,7 +129,8 @@ class MicroBatcher(Generic[T, R]):
             self._init()
             self._init = None
         while self._pending:
-            batch, total = [], 0
+            batch: list[Any] = []
+            total = 0
             while self._pending and (not batch or total + self._pending[0][1] <= self._max):
                 nxt = self._pending.pop(0)
                 batch.append(nxt)
@@ -180,6 +181,7 @@ class MicroBatcher(Generic[T, R]):
             self._queued -= total
         self._m_batch.observe(total)
         t0 = time.perf_counter()
+        results: Sequence[Any]
         try:
             results, tag = self._run([b[0] for b in batch])
             errs: list[BaseException | None] = [None] * len(batch)

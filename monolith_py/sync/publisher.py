@@ -115,6 +115,18 @@ class ShardPublisher:
         self._m_epoch = gauge("monolith_sync_epoch_changes", "Epochs started by a shard.",
                               ["shard"])
 
+    @classmethod
+    def for_ps_shard(cls, shard: Any, **kwargs: Any) -> ShardPublisher:
+        """The publisher of a :class:`monolith_py.ps.PSShard` (its id, tables and lock).
+
+        Host it on the shard's gRPC server::
+
+            pub = ShardPublisher.for_ps_shard(shard)
+            sync = SyncService(pub, DenseBoard() if shard.shard_id == 0 else None)
+            PSServer(shard, extra_handlers=[sync.handler()], max_workers=4 + subscribers)
+        """
+        return cls(int(shard.shard_id), shard.tables, lock=shard.lock, **kwargs)
+
     # -- epoch and position ---------------------------------------------------------------
 
     def _start_epoch_locked(self) -> None:

@@ -137,7 +137,8 @@ def test_model_spec_round_trip_and_validation() -> None:
         ModelSpec.from_json(b"{")
 
 
-def test_batcher_merges_concurrent_requests_and_reports_errors() -> None:
+@pytest.mark.parametrize("inline", [False, True])
+def test_batcher_merges_concurrent_requests_and_reports_errors(inline: bool) -> None:
     calls: list[int] = []
 
     def run(items: list[int]) -> tuple[list[int], str]:
@@ -146,7 +147,9 @@ def test_batcher_merges_concurrent_requests_and_reports_errors() -> None:
             raise ValueError("boom")
         return [x + 1 for x in items], "v"
 
-    b = MicroBatcher(run, size=lambda x: 1, max_examples=64, max_wait_s=0.05)
+    inits: list[int] = []
+    b = MicroBatcher(run, size=lambda x: 1, max_examples=64, max_wait_s=0.05, inline=inline,
+                     thread_init=lambda: inits.append(1))
 
     async def main() -> list[Any]:
         ok = await asyncio.gather(*(b.submit(i) for i in range(20)))
@@ -157,8 +160,11 @@ def test_batcher_merges_concurrent_requests_and_reports_errors() -> None:
     try:
         assert asyncio.run(main()) == [(i + 1, "v") for i in range(20)]
         assert sum(calls[:-1]) == 20 and len(calls) - 1 < 20  # batched
+        assert inits == [1]
     finally:
         b.close()
+    if inline:
+        return
     small = MicroBatcher(run, size=lambda x: 10, max_queued=15)
 
     async def flood() -> None:
