@@ -52,22 +52,22 @@ def test_training_step_reaches_serving_within_the_bound(cluster: Cluster,
     t = cluster.trainer
     probe, control = example(4242, 4243), example(10**14, 10**14 + 1)
     before = _scores(client, [probe, control])
-    assert before[0] == before[1]  # both unseen: default rows
+    assert abs(before[0] - before[1]) < 1e-6  # both unseen: default rows
     t.step([4242], [4243], now=1_000)  # changes the probe's rows and the dense layers
     t.publish_dense()  # (what the trainer does every dense_sync_interval)
     # the sync interval is 0.2 s; a generous deadline for a loaded machine
     poll(lambda: _serves(client, t, [probe, control]), timeout=20)
     after = _scores(client, [probe, control])
-    assert after[0] != after[1]
+    assert abs(after[0] - after[1]) > 1e-6
 
 
 def test_eviction_serves_the_default(cluster: Cluster, client: httpx.Client) -> None:
     t = cluster.trainer
     t.step([9001], [9002], now=1_000)
     probe, control = example(9001, 9002), example(10**13, 10**13 + 1)
-    poll(lambda: (lambda s: s[0] != s[1])(_scores(client, [probe, control])))
+    poll(lambda: (lambda s: abs(s[0] - s[1]) > 1e-6)(_scores(client, [probe, control])))
     t.backend.evict_expired(1_000 + 101)  # TTL 100 s of event time
-    poll(lambda: (lambda s: s[0] == s[1])(_scores(client, [probe, control])))
+    poll(lambda: (lambda s: abs(s[0] - s[1]) < 1e-6)(_scores(client, [probe, control])))
 
 
 def _full_resyncs() -> float:
@@ -196,7 +196,7 @@ def test_concurrent_predictions_while_syncing(cluster: Cluster, worker: ServingW
         with httpx.Client(base_url=f"http://127.0.0.1:{worker.port}", timeout=30) as c:
             for i in range(40):
                 r = c.post("/v1/predict", json={"examples": [example(i, i + 1)] * (1 + i % 5)})
-                if r.status_code != 200 or len(set(r.json()["scores"])) != 1:
+                if r.status_code != 200 or np.ptp(r.json()["scores"]) > 1e-6:
                     errors.append(r.text)
 
     trainer_thread = threading.Thread(target=train)
