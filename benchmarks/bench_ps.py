@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--raw-keys", type=int, default=200_000,
                    help="keys per raw pull/push call")
     p.add_argument("--raw-calls", type=int, default=10)
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads of the trainer (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_main)
@@ -78,6 +80,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from monolith_py.ps.launch import ShardProcesses
     from monolith_py.table import TableConfig
 
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     steps, warmup = int(args.steps), int(args.warmup)
     train_args = argparse.Namespace(seed=args.seed, ids=args.ids, zipf=args.zipf,
                                     features=args.features, batch_size=args.batch_size,
