@@ -14,6 +14,7 @@ from monolith_py.sync.codec import (
     encode_delta,
     encode_dense,
 )
+from monolith_py.sync.dense import DensePusher
 from monolith_py.sync.locked import LockedBackend
 from monolith_py.sync.protocol import (
     ColdStartSource,
@@ -36,6 +37,7 @@ __all__ = [
     "DeltaAssembler",
     "DeltaSink",
     "DenseBoard",
+    "DensePusher",
     "DenseUpdate",
     "Heartbeat",
     "LockedBackend",

@@ -226,3 +226,23 @@ def test_replica_fp16_and_bad_rows() -> None:
     np.testing.assert_allclose(rep.lookup(np.array([1])), [[0.1, 0.2]], atol=1e-3)
     with pytest.raises(InvalidInputError):
         rep.upsert(np.array([1, 2]), np.zeros((2, 3), np.float32), 0)
+
+
+def test_dense_pusher_interval_and_failures() -> None:
+    from monolith_py.errors import UnavailableError
+    from monolith_py.sync import DenseBoard, DensePusher
+
+    clock = FakeClock()
+    board = DenseBoard()
+    model = torch.nn.Linear(2, 1)
+    pusher = DensePusher(board, {"kind": "x"}, model, interval_s=5.0, clock=clock)
+    assert pusher.maybe_push() and not pusher.maybe_push()
+    clock.t = 5.0
+    assert pusher.maybe_push() and board.latest()[0][1] == 2
+
+    class Down:
+        def put_dense(self, spec: object, tensors: object) -> None:
+            raise UnavailableError("shard 0 is down")
+
+    failing = DensePusher(Down(), {}, model, clock=clock)
+    assert not failing.maybe_push() and failing.failures == 1
