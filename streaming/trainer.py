@@ -93,6 +93,8 @@ class _Prefetch:
         self._q: queue.Queue[Any] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._stop = threading.Event()
+        self._position = getattr(source, "state_dict", None)
+        self.last_offsets: dict[int, int] | None = None  # after the last batch get() returned
         self._thread = threading.Thread(target=self._run, name="trainer-source", daemon=True)
         self._thread.start()
 
@@ -107,8 +109,9 @@ class _Prefetch:
 
     def _run(self) -> None:
         try:
-            for batch in self._source:
-                if not self._put(batch):
+            for batch in self._source:  # position read before the next batch is asked for
+                pos = self._position() if callable(self._position) else None
+                if not self._put((batch, pos)):
                     return
         except BaseException as exc:  # handed to the training thread
             self._error = exc
@@ -121,6 +124,8 @@ class _Prefetch:
             return None
         if item is _END and self._error is not None:
             raise self._error
+        if isinstance(item, tuple):
+            item, self.last_offsets = item
         return item
 
     def close(self) -> None:
@@ -169,11 +174,12 @@ def _global_metrics(trainer: Any, world_size: int) -> dict[str, Any]:
 def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None = None,
                 max_steps: int | None = None,
                 progress: Callable[[dict[str, Any]], None] | None = None,
-                progress_every: int = 50) -> dict[str, Any]:
+                progress_every: int = 50, snapshots: Any = None) -> dict[str, Any]:
     """Run trainer ``rank`` of ``job.trainers.world_size`` until its source ends (and every
     other trainer's) or ``max_steps`` batches. ``source`` defaults to the Kafka topic.
     Returns the trainer's final metrics plus ``global_auc``/``global_log_loss`` over all
-    trainers."""
+    trainers. ``snapshots``: :class:`~monolith_py.snapshot.loop.LoopSettings` (restore at
+    start, ledger, snapshots at step boundaries)."""
     import torch
     import torch.distributed as dist
 
@@ -200,6 +206,7 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
     backend: Any
     client: PSClient | None = None
     feed: _Prefetch | None = None
+    snaps: Any = None
     try:
         if job.ps.addresses:
             client = PSClient(job.ps.addresses, tables, ClientOptions(
@@ -208,7 +215,14 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
             backend = client
         else:
             backend = ShardedBackend.build(tables, 1)
-        feed = _Prefetch(source if source is not None else kafka_batches(job, rank))
+        src = source if source is not None else kafka_batches(job, rank)
+        if snapshots is not None and snapshots.enabled:
+            from monolith_py.snapshot.loop import LoopSnapshots
+
+            snaps = LoopSnapshots(snapshots, rank, world, ps_addresses=job.ps.addresses,
+                                  local_shard=None if client is not None else backend.shards[0])
+            snaps.restore_begin(src)  # seeks src to the snapshot's offsets
+        feed = _Prefetch(src)
         first = feed.get(None)
         first = None if first is _END else first
         local_dense = int(first.dense.shape[1]) if first is not None else -1
@@ -225,6 +239,8 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
         trainer = OnlineTrainer(model, dp if dp is not None else inner, TrainerConfig(
             evict_interval_s=job.trainers.evict_interval_s,
             metrics_window=job.trainers.metrics_window))
+        if snaps is not None:
+            snaps.restore_finish(trainer)
         done = 0
         pending = first
         exhausted = first is None
@@ -258,6 +274,10 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
                     raise err  # the PS is down: stop (restart from a snapshot), don't skip
             if dp is not None and dp.rounds == before:
                 dp.idle_step(alive=True)  # this batch was skipped: join the round anyway
+            if snaps is not None:
+                snaps.after_step(batch, result)
+                snaps.at_boundary(dp.rounds if dp is not None else done, trainer,
+                                  feed.last_offsets, client.flush if client is not None else None)
             if progress is not None and done % progress_every == 0:
                 progress(trainer.metrics())
         if client is not None:
@@ -266,10 +286,16 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
         final.update(_global_metrics(trainer, world))
         final.update(rank=rank, world_size=world, idle_rounds=idle_rounds,
                      rounds=dp.rounds if dp is not None else final["steps"])
+        if snaps is not None:
+            snaps.wait_idle()
+            final.update(ledger=snaps.ledger.state_dict(), offsets=feed.last_offsets,
+                         snapshots=snaps.snapshots, snapshot_failures=snaps.failures)
         if progress is not None:
             progress(final)
         return final
     finally:
+        if snaps is not None:
+            snaps.close()
         if feed is not None:
             feed.close()
         if client is not None:
@@ -309,6 +335,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--every", type=int, default=50, help="print progress every N batches")
     add_job_arguments(p)
+    from monolith_py.snapshot.cli import add_trainer_snapshot_arguments
+
+    add_trainer_snapshot_arguments(p)  # --smp-group, --snapshot-every-steps, --restore ...
 
 
 def main(args: Any) -> int:
@@ -330,10 +359,14 @@ def main(args: Any) -> int:
     def show(m: dict[str, Any]) -> None:
         print(f"[trainer {args.rank}] {format_progress(m)}", flush=True)
 
+    from monolith_py.snapshot.cli import trainer_snapshot_settings
+
     final = run_trainer(job, args.rank, max_steps=args.max_steps, progress=show,
-                        progress_every=max(1, args.every))
+                        progress_every=max(1, args.every),
+                        snapshots=trainer_snapshot_settings(args))
     keys = ("rank", "world_size", "examples", "trained_examples", "steps", "rounds",
             "idle_rounds", "bad_batches", "auc", "log_loss", "global_auc",
-            "global_log_loss", "global_examples", "examples_per_s", "rows", "event_time")
+            "global_log_loss", "global_examples", "examples_per_s", "rows", "event_time",
+            "ledger", "offsets", "snapshots", "snapshot_failures")
     print(json.dumps({k: final.get(k) for k in keys}, default=str), flush=True)
     return 0

@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 __all__ = ["register_smp", "register_checkpoint", "add_ps_snapshot_arguments",
-           "ps_snapshot_handlers"]
+           "ps_snapshot_handlers", "add_trainer_snapshot_arguments", "trainer_snapshot_settings"]
 
 log = logging.getLogger("monolith.snapshot.cli")
 
@@ -162,6 +162,43 @@ def ps_snapshot_handlers(shard: Any, args: argparse.Namespace) -> list[Any]:
                           "snapshot_id": r.snapshot_id, "step": r.step, "source": r.source}),
               flush=True)
     return [part.handler()]
+
+
+# -- monolith trainer hooks ------------------------------------------------------------------------
+
+def add_trainer_snapshot_arguments(p: argparse.ArgumentParser) -> None:
+    """The snapshot flags of ``monolith trainer``."""
+    g = p.add_argument_group("snapshots")
+    g.add_argument("--smp-group", default=None,
+                   help="comma-separated SMP addresses by host index (enables snapshots)")
+    g.add_argument("--host-id", type=int, default=0, help="this trainer's host index")
+    g.add_argument("--job", default="monolith", help="job name of the snapshots")
+    g.add_argument("--snapshot-every-steps", type=int, default=0,
+                   help="rounds between snapshots (needed with several trainers)")
+    g.add_argument("--snapshot-every-s", type=float, default=10.0,
+                   help="seconds between snapshots (one trainer; default 10)")
+    g.add_argument("--restore", default="none",
+                   help="at start: 'none', 'latest' or a snapshot id (job-wide: rank 0 "
+                        "restores the PS shards to the same snapshot)")
+    g.add_argument("--checkpoint-dir", default=None, help="universal checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=0,
+                   help="write a universal checkpoint every N sealed snapshots (0: never)")
+    g.add_argument("--trainer-hosts", default=None,
+                   help="comma-separated host index of each rank (default: rank mod hosts)")
+
+
+def trainer_snapshot_settings(args: argparse.Namespace) -> Any:
+    """:class:`~monolith_py.snapshot.loop.LoopSettings` from the flags (``None``: off)."""
+    group = _addresses(getattr(args, "smp_group", None))
+    if not group:
+        return None
+    from monolith_py.snapshot.loop import LoopSettings
+
+    hosts = tuple(int(h) for h in _addresses(args.trainer_hosts))
+    return LoopSettings(smp_group=tuple(group), host_id=args.host_id, job=args.job,
+                        every_steps=args.snapshot_every_steps, every_s=args.snapshot_every_s,
+                        restore=str(args.restore), checkpoint_dir=args.checkpoint_dir,
+                        checkpoint_every=args.checkpoint_every, trainer_hosts=hosts)
 
 
 # -- monolith checkpoint ---------------------------------------------------------------------------
