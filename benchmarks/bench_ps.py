@@ -9,6 +9,9 @@ Adagrad on the dense layers); the data and model builders are imported from
 * ``inproc_examples_per_s``: the embedded default (in-process tables, no RPC).
 * ``rpc_examples_per_s``: 2 ``monolith ps`` processes, one trainer (this process) with a
   :class:`~monolith_py.ps.PSClient`; the shards and the trainer share the machine's cores.
+* ``inproc_backend_ms`` / ``rpc_backend_ms``: per step, the time spent inside the
+  sparse backend's calls (lookup, apply_gradients, and for RPC the wait for the push):
+  the part of the step that RPC changes, less sensitive to the dense part's noise.
 * ``ratio`` = rpc / inproc. The two kinds of steps are interleaved (one of each in turn)
   so a busy machine slows both alike; medians are reported.
 * ``pull_mkeys_per_s`` / ``push_mkeys_per_s``: raw client throughput on the warm shards:
@@ -64,6 +67,35 @@ def _job_args(args: argparse.Namespace, names: list[str]) -> list[str]:
     ]
 
 
+class _Timed:
+    """A SparseBackend proxy adding up the seconds spent in the backend's calls."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def call(self, fn: Any, *a: Any) -> Any:
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            return fn(*a)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def lookup(self, keys: Any, train: bool) -> Any:
+        return self.call(self.inner.lookup, keys, train)
+
+    def apply_gradients(self, grads: Any, now: int) -> None:
+        self.call(self.inner.apply_gradients, grads, now)
+
+    def evict_expired(self, now: int) -> Any:
+        return self.call(self.inner.evict_expired, now)
+
+    def stats(self) -> Any:
+        return self.inner.stats()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import os
     import statistics
@@ -96,8 +128,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with ShardProcesses(args.shards, _job_args(args, names)) as shards:
         client = PSClient(shards.addresses, configs, ClientOptions(deadline_s=300))
         sides = {}
-        for side, backend in (("inproc", None), ("rpc", client)):
-            ebc = DynamicEmbeddingBagCollection(configs, backend=backend)
+        from monolith_py.table import EmbeddingTable
+        from monolith_py.table.backend import LocalBackend
+
+        local = LocalBackend({c.name: EmbeddingTable(c) for c in configs})
+        timed = {"inproc": _Timed(local), "rpc": _Timed(client)}
+        for side in ("inproc", "rpc"):
+            ebc = DynamicEmbeddingBagCollection(configs, backend=timed[side])
             model = _model(ebc, train_args)
             sides[side] = (ebc, model, torch.optim.Adagrad(model.parameters(), lr=0.01))
 
@@ -110,15 +147,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ebc.apply_sparse_gradients(now)
 
         times: dict[str, list[float]] = {"inproc": [], "rpc": []}
+        sparse: dict[str, list[float]] = {"inproc": [], "rpc": []}
         for i, (kjt, dense, labels) in enumerate(data):
             now = 1_700_000_000 + i
             for side in (("inproc", "rpc") if i % 2 == 0 else ("rpc", "inproc")):
+                timed[side].seconds = 0.0
                 t0 = time.perf_counter()
                 step(side, kjt, dense, labels, now)
                 if side == "rpc":
-                    client.flush()  # count the whole push in the step
+                    timed[side].call(client.flush)  # count the whole push in the step
                 if i >= warmup:
                     times[side].append(time.perf_counter() - t0)
+                    sparse[side].append(timed[side].seconds)
 
         rows = {side: sum(int(s["size"]) for s in sides[side][0].sparse_stats().values())
                 for side in sides}
@@ -156,6 +196,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "push_mkeys_per_s": round(keys_per_call / statistics.median(push_t) / 1e6, 2),
         "inproc_step_ms": round(inproc_s * 1e3, 2),
         "rpc_step_ms": round(rpc_s * 1e3, 2),
+        "inproc_backend_ms": round(statistics.median(sparse["inproc"]) * 1e3, 2),
+        "rpc_backend_ms": round(statistics.median(sparse["rpc"]) * 1e3, 2),
         "raw_keys_per_call": keys_per_call,
         "shards": args.shards,
         "batch_size": args.batch_size,
