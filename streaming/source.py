@@ -197,6 +197,7 @@ class KafkaExampleSource:
         self._first_hw: dict[int, int] = {}
         self._list_offsets: dict[int, int] = {}
         self._stop = threading.Event()
+        self._finish = threading.Event()
         self.counters = {"messages": 0, "examples": 0, "batches": 0, "bytes": 0,
                          "dead_letters": 0, "dead_letter_failures": 0, "poll_errors": 0}
         self._last_record_at: float | None = None
@@ -242,6 +243,11 @@ class KafkaExampleSource:
     def stop(self) -> None:
         """Ask a running iteration to end (thread-safe)."""
         self._stop.set()
+
+    def finish(self) -> None:
+        """Read up to the partition ends as they are *now*, then end (thread-safe): like
+        ``end_of_stream``, decided while running (a live stream's last producer is done)."""
+        self._finish.set()
 
     def close(self) -> None:
         """Close the consumer and the dead-letter producer."""
@@ -411,6 +417,10 @@ class KafkaExampleSource:
             if self._stop.is_set():
                 self._buffer.extendleft(reversed(taken))  # not yielded: keep for later
                 return None
+            if self._finish.is_set() and not self.end_of_stream:
+                self.end_of_stream = True  # in the iterating thread: the consumer is ours
+                ends = self._consumer.end_offsets(list(self._tps.values()))
+                self._end_targets = {q: int(ends[tp]) for q, tp in self._tps.items()}
             if self.end_of_stream and not self._buffer and self._caught_up(positions):
                 return (concat_columns(parts), positions) if parts else None
             if deadline is not None and self._clock() >= deadline:
