@@ -174,12 +174,20 @@ def _global_metrics(trainer: Any, world_size: int) -> dict[str, Any]:
 def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None = None,
                 max_steps: int | None = None,
                 progress: Callable[[dict[str, Any]], None] | None = None,
-                progress_every: int = 50, snapshots: Any = None) -> dict[str, Any]:
+                progress_every: int = 50, snapshots: Any = None,
+                finish_on_signal: bool = False) -> dict[str, Any]:
     """Run trainer ``rank`` of ``job.trainers.world_size`` until its source ends (and every
     other trainer's) or ``max_steps`` batches. ``source`` defaults to the Kafka topic.
     Returns the trainer's final metrics plus ``global_auc``/``global_log_loss`` over all
     trainers. ``snapshots``: :class:`~monolith_py.snapshot.loop.LoopSettings` (restore at
-    start, ledger, snapshots at step boundaries)."""
+    start, ledger, snapshots at step boundaries). ``finish_on_signal``: SIGUSR1 makes the
+    trainer read to the topic's current end and finish normally (``monolith up``).
+
+    Observability: a heartbeat (``trainer/<rank>``) every loop iteration, even while
+    waiting for data, step times, and the progressive metrics as gauges every second
+    (:mod:`monolith_py.observe.heartbeat`, :mod:`monolith_py.observe.export`)."""
+    import time
+
     import torch
     import torch.distributed as dist
 
@@ -190,6 +198,8 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
         ShardedBackend,
         broadcast_parameters,
     )
+    from monolith_py.observe.export import export_training
+    from monolith_py.observe.heartbeat import Heartbeat
     from monolith_py.training import OnlineTrainer, TrainerConfig
 
     world = job.trainers.world_size
@@ -216,6 +226,9 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
         else:
             backend = ShardedBackend.build(tables, 1)
         src = source if source is not None else kafka_batches(job, rank)
+        hb = Heartbeat(f"trainer/{rank}")
+        if finish_on_signal:
+            _finish_on_sigusr1(src)
         if snapshots is not None and snapshots.enabled:
             from monolith_py.snapshot.loop import LoopSnapshots
 
@@ -223,7 +236,10 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
                                   local_shard=None if client is not None else backend.shards[0])
             snaps.restore_begin(src)  # seeks src to the snapshot's offsets
         feed = _Prefetch(src)
-        first = feed.get(None)
+        first = feed.get(1.0)
+        while first is None:  # waiting for the first batch is not a hang
+            hb.beat()
+            first = feed.get(1.0)
         first = None if first is _END else first
         local_dense = int(first.dense.shape[1]) if first is not None else -1
         num_dense = job.model.num_dense
@@ -245,11 +261,12 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
         pending = first
         exhausted = first is None
         idle_rounds = 0
+        exported = 0.0
         while True:
             batch = pending
             pending = None
             if batch is None and not exhausted and (max_steps is None or done < max_steps):
-                got = feed.get(_IDLE_WAIT_S if dp is not None else None)
+                got = feed.get(_IDLE_WAIT_S if dp is not None else 1.0)
                 if got is _END:
                     exhausted = True
                 else:
@@ -257,6 +274,7 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
             if max_steps is not None and done >= max_steps:
                 exhausted, batch = True, None
             if batch is None:
+                hb.beat()
                 if dp is None:
                     if exhausted:
                         break
@@ -266,7 +284,9 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
                     break
                 continue
             before = dp.rounds if dp is not None else 0
+            t_step = time.perf_counter()
             result = trainer.step(batch)
+            hb.step(time.perf_counter() - t_step, examples=len(batch))
             done += 1
             if not result.trained and result.reason == "rejected_by_table":
                 err = getattr(backend, "last_error", None)
@@ -280,9 +300,13 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
                                   feed.last_offsets, client.flush if client is not None else None)
             if progress is not None and done % progress_every == 0:
                 progress(trainer.metrics())
+            if time.monotonic() - exported >= 1.0:
+                exported = time.monotonic()
+                export_training(trainer.metrics(tables=False), hb.role)
         if client is not None:
             client.flush()
         final = trainer.metrics()
+        export_training(final, hb.role)
         final.update(_global_metrics(trainer, world))
         final.update(rank=rank, world_size=world, idle_rounds=idle_rounds,
                      rounds=dp.rounds if dp is not None else final["steps"])
@@ -306,6 +330,16 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
+
+
+def _finish_on_sigusr1(source: Any) -> None:
+    """SIGUSR1 (from ``monolith up`` once the stream's producers are done): the source
+    reads to the partition ends as they are then, and the trainer finishes normally."""
+    import signal
+
+    finish = getattr(source, "finish", None)
+    if callable(finish) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, lambda *_: finish())
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -334,6 +368,8 @@ def add_arguments(p: Any) -> None:
                    help="stop at the partition ends seen at start (kafka.end_of_stream)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--every", type=int, default=50, help="print progress every N batches")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics (heartbeat, step time, AUC...) on this port")
     add_job_arguments(p)
     from monolith_py.snapshot.cli import add_trainer_snapshot_arguments
 
@@ -359,11 +395,16 @@ def main(args: Any) -> int:
     def show(m: dict[str, Any]) -> None:
         print(f"[trainer {args.rank}] {format_progress(m)}", flush=True)
 
+    if args.metrics_port is not None:
+        from monolith_py.observe.metrics import serve_metrics
+
+        serve_metrics(args.metrics_port)
+
     from monolith_py.snapshot.cli import trainer_snapshot_settings
 
     final = run_trainer(job, args.rank, max_steps=args.max_steps, progress=show,
                         progress_every=max(1, args.every),
-                        snapshots=trainer_snapshot_settings(args))
+                        snapshots=trainer_snapshot_settings(args), finish_on_signal=True)
     keys = ("rank", "world_size", "examples", "trained_examples", "steps", "rounds",
             "idle_rounds", "bad_batches", "auc", "log_loss", "global_auc",
             "global_log_loss", "global_examples", "examples_per_s", "rows", "event_time",
