@@ -100,9 +100,12 @@ def _smp_main(args: argparse.Namespace) -> int:
     _write_ready(args.ready_file, server.address)
     print(json.dumps({"event": "serving", "role": "smp", "host_id": cfg.host_id,
                       "address": server.address, "directory": cfg.directory}), flush=True)
+    from monolith_py.observe.heartbeat import Heartbeat
+
+    beat = Heartbeat(f"smp/{cfg.host_id}")
     try:
         while not stop.wait(0.5):
-            pass
+            beat.beat()
     finally:
         server.stop(grace=1.0)
     return 0

@@ -21,9 +21,10 @@ all live keys (8 bytes each), so composition knows exactly which keys were delet
 without trusting the deletion log (sync may trim it). Rows are in arena order (``sorted``
 false) when captured by a shard and key-sorted when composed by an SMP.
 
-:func:`shard_state` / :func:`apply_increment` turn parts into exactly what
-``PSShard.state_dict()`` returned at the cut (bit for bit); a live key found neither in the
-increment nor in the base means a broken chain and raises :class:`CorruptDataError`.
+:func:`~monolith_py.snapshot.compose.compose` turns a chain of parts (a full part and the
+increments after it) into exactly what ``PSShard.state_dict()`` returned at the cut (bit
+for bit); a live key found in no part of the chain means a broken chain and raises
+:class:`CorruptDataError`.
 
 Example::
 
@@ -57,7 +58,7 @@ from monolith_py.snapshot import _gather
 from monolith_py.wire import FramePlan, decode_arrays, plan_frame
 
 __all__ = ["PS_PART_FORMAT", "CapturedPart", "ShardCapturer", "DecodedPart", "TablePart",
-           "decode_part", "shard_state", "apply_increment", "encode_shard_state"]
+           "decode_part", "shard_state", "apply_increment", "compose", "encode_shard_state"]
 
 PS_PART_FORMAT = "monolith.ps_part/1"
 _SHARD_FORMAT = "monolith.ps_shard.v1"
@@ -418,99 +419,4 @@ def decode_part(buf: Any) -> DecodedPart:
     return out
 
 
-# -- compose -------------------------------------------------------------------------------------
-
-def _table_state(tp: TablePart, keys: np.ndarray, meta: np.ndarray, weights: np.ndarray,
-                 slots: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    sd: dict[str, Any] = {
-        "format": tp.format, "name": tp.name, "dim": tp.dim,
-        "optimizer": tp.optimizer, "keys": keys, "weights": weights,
-        "last_update": np.ascontiguousarray(meta[:, 1]),
-        "update_count": np.ascontiguousarray(meta[:, 2]),
-        "row_version": np.ascontiguousarray(meta[:, 3]),
-        "version": tp.version, "clock": tp.clock,
-        "pending": tp.pending.copy(), "deleted_keys": tp.deleted_keys.copy(),
-        "deleted_versions": tp.deleted_versions.copy(),
-    }
-    for s, a in slots.items():
-        sd[f"slot.{s}"] = a
-    if tp.filter is not None:
-        sd["filter.counters"] = tp.filter.copy()
-    for c in _COUNTERS:
-        sd[f"stat.{c}"] = tp.counters[c]
-    return sd
-
-
-def _shard_dict(part: DecodedPart, tables: dict[str, Any]) -> dict[str, Any]:
-    return {"format": _SHARD_FORMAT, "shard_id": part.shard_id, "num_shards": part.num_shards,
-            "routing_version": part.routing_version, "tables": tables}
-
-
-def shard_state(part: DecodedPart) -> dict[str, Any]:
-    """The shard state dict of a **full** part (rows key-sorted, arrays copied)."""
-    if part.kind != "full":
-        raise CorruptDataError(f"snapshot {part.snapshot_id}: an increment needs its base")
-    tables = {}
-    for name, tp in part.tables.items():
-        keys = tp.meta[:, 0]
-        if tp.sorted:
-            order = None
-        else:
-            order = np.argsort(keys, kind="stable")
-        def take(a: np.ndarray) -> np.ndarray:
-            return a.copy() if order is None else a[order]
-        meta = take(tp.meta)
-        k = np.ascontiguousarray(meta[:, 0])
-        if k.shape[0] > 1 and not (np.diff(k) > 0).all():
-            raise CorruptDataError(f"table {name!r}: duplicate keys in a full part")
-        tables[name] = _table_state(tp, k, meta, take(tp.weights),
-                                    {s: take(a) for s, a in tp.slots.items()})
-    return _shard_dict(part, tables)
-
-
-def apply_increment(state: Mapping[str, Any], inc: DecodedPart) -> dict[str, Any]:
-    """``state`` (a shard state dict at the increment's base) moved to the increment's
-    snapshot. Raises :class:`CorruptDataError` when they do not fit together."""
-    if inc.kind != "inc":
-        raise CorruptDataError("apply_increment needs an increment")
-    base_tables = state.get("tables", {})
-    if set(base_tables) != set(inc.tables) or state.get("shard_id") != inc.shard_id:
-        raise CorruptDataError(
-            f"increment of shard {inc.shard_id} (tables {sorted(inc.tables)}) does not fit "
-            f"base of shard {state.get('shard_id')} (tables {sorted(base_tables)})")
-    tables = {}
-    for name, tp in inc.tables.items():
-        b = base_tables[name]
-        assert tp.live is not None
-        live = np.sort(tp.live)
-        dkeys = tp.meta[:, 0]
-        dorder = np.argsort(dkeys, kind="stable")
-        dk = dkeys[dorder]
-        pos = np.searchsorted(dk, live)
-        in_d = pos < dk.shape[0]
-        in_d[in_d] = dk[pos[in_d]] == live[in_d]
-        if int(in_d.sum()) != dk.shape[0]:
-            raise CorruptDataError(f"table {name!r}: captured rows that are not live")
-        bkeys = b["keys"]
-        rest = live[~in_d]
-        bpos = np.searchsorted(bkeys, rest)
-        ok = bpos < bkeys.shape[0]
-        ok[ok] = bkeys[bpos[ok]] == rest[ok]
-        if not ok.all():
-            raise CorruptDataError(
-                f"table {name!r}: {int((~ok).sum())} live keys are neither in the increment "
-                f"nor in its base (broken chain: base snapshot {inc.base_id})")
-        src_d = dorder[pos[in_d]]
-        n = live.shape[0]
-
-        def merge(base_arr: np.ndarray, inc_arr: np.ndarray) -> np.ndarray:
-            out = np.empty((n, *base_arr.shape[1:]), dtype=base_arr.dtype)
-            out[in_d] = inc_arr[src_d]
-            out[~in_d] = base_arr[bpos]
-            return out
-
-        bmeta = np.stack([bkeys, b["last_update"], b["update_count"], b["row_version"]], axis=1)
-        meta = merge(bmeta, tp.meta)
-        slots = {s: merge(b[f"slot.{s}"], a) for s, a in tp.slots.items()}
-        tables[name] = _table_state(tp, live, meta, merge(b["weights"], tp.weights), slots)
-    return _shard_dict(inc, tables)
+from monolith_py.snapshot.compose import apply_increment, compose, shard_state  # noqa: E402

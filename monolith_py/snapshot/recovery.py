@@ -265,15 +265,16 @@ class Recovery:
 
     # -- chains and participants ---------------------------------------------------------------
 
-    def _ps_state(self, cat: Catalog, p: str, sid: int, depth: int = 0) -> Any:
-        from monolith_py.snapshot.pspart import apply_increment, decode_part, shard_state
+    def _ps_chain(self, cat: Catalog, p: str, sid: int, depth: int = 0) -> list[Any]:
+        """The decoded parts from a full part to snapshot ``sid`` (oldest first)."""
+        from monolith_py.snapshot.pspart import decode_part
 
         if depth > 10_000:
             raise SnapshotError("increment chain too long")
         full = cat.records.get((p, sid, "full"))
         if full is not None:
             try:
-                return shard_state(decode_part(self.part_bytes(full)))
+                return [decode_part(self.part_bytes(full))]
             except MonolithError as exc:
                 self._note(f"{p}: composed full part of {sid} unusable ({exc}); trying the chain")
         man = cat.manifests.get(sid)
@@ -284,8 +285,13 @@ class Recovery:
         if part.snapshot_id != sid or part.kind != rec.kind:
             raise SnapshotError(f"{p}: part content does not match its record")
         if rec.kind == "full":
-            return shard_state(part)
-        return apply_increment(self._ps_state(cat, p, rec.base_id, depth + 1), part)
+            return [part]
+        return [*self._ps_chain(cat, p, rec.base_id, depth + 1), part]
+
+    def _ps_state(self, cat: Catalog, p: str, sid: int) -> Any:
+        from monolith_py.snapshot.compose import compose
+
+        return compose(self._ps_chain(cat, p, sid))
 
     def _build(self, cat: Catalog, man: Manifest, p: str) -> Restored:
         from monolith_py.snapshot.trainerpart import decode_trainer_part

@@ -603,8 +603,8 @@ class SnapshotStore:
             self._queue.put(lambda p=p: self._compact(man, p))
 
     def _compact(self, man: Manifest, p: str) -> None:
-        from monolith_py.snapshot.pspart import apply_increment, decode_part, encode_shard_state
-        from monolith_py.snapshot.pspart import shard_state as to_state
+        from monolith_py.snapshot.compose import compose
+        from monolith_py.snapshot.pspart import decode_part, encode_shard_state
 
         sid = man.snapshot_id
         key: PartKey = (p, sid, "full")
@@ -621,9 +621,7 @@ class SnapshotStore:
                     return
                 state = self.chain_reader(man, p)
             else:
-                state = to_state(decode_part(chain[0]))
-                for frame in chain[1:]:
-                    state = apply_increment(state, decode_part(frame))
+                state = compose([decode_part(f) for f in chain])
             fault_point("smp.compact")
             segs: list[Segment] = []
 

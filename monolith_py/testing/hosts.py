@@ -164,6 +164,7 @@ class LocalCluster:
         self.k, self.m, self.keep, self.full_every = k, m, keep, full_every
         self._own = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="monolith-cluster-")
+        os.makedirs(self.workdir, exist_ok=True)
         self.shm_root = tempfile.mkdtemp(prefix=f"monolith-{job}-", dir="/dev/shm"
                                          if os.path.isdir("/dev/shm") else None)
         self.smp_env = smp_env if callable(smp_env) else dict(smp_env or {})

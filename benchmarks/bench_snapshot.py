@@ -1,0 +1,270 @@
+"""``monolith bench snapshot``: in-memory snapshots of a >= 1 GB PS shard to 3 real SMP
+processes (k=2, m=3), beside torch.save / DCP / torch.load of the same state, in one run.
+
+Workload: one PS shard (this process) holding one table of ``--state-mb`` of state (dim 64,
+Adagrad: weights + one slot + 32 B of metadata per row); a training loop of sparse steps
+(``pull(train=True)`` + ``push`` of ``--batch-keys`` Zipf-distributed keys, hot keys
+scattered over the arena by a random permutation). Three ``monolith smp`` processes on
+loopback are the hosts; the shard's participant writes into its host's SMP.
+
+Reported:
+
+* ``stall_ms``: median time the shard lock is held by an incremental capture taken every
+  ``--interval-s`` seconds (training is blocked only for that); ``stall_ms_per_gb``;
+  ``full_stall_ms``: the first (full) capture.
+* ``overhead_pct``: training throughput lost with a snapshot every ``--interval-s`` vs
+  none; the two modes alternate in windows of ``--window-s`` (medians of the windows).
+* ``incremental_bytes_ratio``: increment part size after ``--interval-s`` of training /
+  full part size.
+* ``encode_mb_per_s``: zfec encode (k=2, m=3, one thread) of the full part.
+* ``restore_local_s``: rebuild the newest snapshot (its full part and increments, mapped
+  from the local SMP) and load it into a new shard; ``restore_ec_s``: the same with the
+  local host gone (blocks fetched from the two others and decoded).
+* ``disk_checkpoint_s``: universal checkpoint of the newest snapshot (read from the SMPs,
+  written with fsync). Anchors on the same state (a dict of tensors): ``torch_save_s``
+  (+ fsync), ``dcp_save_s`` (``torch.distributed.checkpoint.save``), ``torch_load_s``
+  (``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("snapshot", help="in-memory EC snapshots vs torch.save / DCP")
+    p.add_argument("--state-mb", type=int, default=1024, help="table state size (MiB)")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch-keys", type=int, default=4096, help="keys per training step")
+    p.add_argument("--zipf", type=float, default=1.2)
+    p.add_argument("--interval-s", type=float, default=10.0, help="seconds between snapshots")
+    p.add_argument("--window-s", type=float, default=20.0,
+                   help="length of each with/without-snapshot window")
+    p.add_argument("--windows", type=int, default=2, help="windows per mode")
+    p.add_argument("--k", type=int, default=2)
+    p.add_argument("--m", type=int, default=3)
+    p.add_argument("--workdir", default=None, help="for checkpoints (default: a temp dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from benchmarks._common import emit
+
+    emit(run(args), args.json)
+    return 0
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+class _Load:
+    """Zipf keys over the table, hot keys scattered by a permutation."""
+
+    def __init__(self, rows: int, args: argparse.Namespace) -> None:
+        import numpy as np
+
+        self.rng = np.random.default_rng(args.seed)
+        self.perm = self.rng.permutation(rows).astype(np.int64)
+        self.rows, self.b, self.a, self.dim = rows, args.batch_keys, args.zipf, args.dim
+        self.grads = self.rng.standard_normal((self.b, self.dim)).astype(np.float32) * 1e-3
+
+    def step(self, shard: Any, now: int) -> None:
+        import numpy as np
+
+        r = self.rng.zipf(self.a, self.b) - 1
+        keys = np.unique(self.perm[r[r < self.rows]])
+        shard.pull("t", keys, train=True)
+        shard.push("t", keys, self.grads[: keys.shape[0]], now)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from benchmarks._common import machine_info
+    from monolith_py.ps import PSShard
+    from monolith_py.snapshot.checkpoint import write_checkpoint
+    from monolith_py.snapshot.codec import encode_parity
+    from monolith_py.snapshot.coordinator import SnapshotCoordinator
+    from monolith_py.snapshot.participant import PSParticipant
+    from monolith_py.snapshot.recovery import Recovery
+    from monolith_py.snapshot.smp import smp_clients
+    from monolith_py.table import OptimizerConfig, TableConfig
+    from monolith_py.testing.hosts import LocalCluster
+
+    row_bytes = args.dim * 4 * 2 + 32
+    rows = args.state_mb * (1 << 20) // row_bytes
+    cfg = TableConfig("t", dim=args.dim, optimizer=OptimizerConfig("adagrad", lr=0.05),
+                      initial_capacity=rows + 1024)
+    out: dict[str, Any] = {"bench": "snapshot", "machine": machine_info(),
+                           "load_avg_start": os.getloadavg()[0], "rows": rows, "dim": args.dim,
+                           "k": args.k, "m": args.m, "interval_s": args.interval_s}
+    t0 = time.perf_counter()
+    shard = PSShard(0, 1, [cfg])
+    chunk = 1 << 18
+    rng = np.random.default_rng(args.seed)
+    for lo in range(0, rows, chunk):
+        n = min(chunk, rows - lo)
+        with shard.lock:
+            shard.tables["t"].load_rows(np.arange(lo, lo + n, dtype=np.int64),
+                                        rng.standard_normal((n, args.dim)).astype(np.float32))
+    out["build_s"] = time.perf_counter() - t0
+    state_bytes = rows * row_bytes
+    out["state_mb"] = state_bytes / (1 << 20)
+    load = _Load(rows, args)
+    work = args.workdir or tempfile.mkdtemp(prefix="monolith-bench-snapshot-")
+    cluster = LocalCluster(3, job="bench", k=args.k, m=args.m, keep=2, full_every=0,
+                           workdir=os.path.join(work, "cluster")).start()
+    try:
+        smps = smp_clients(cluster.smp_addresses, timeout_s=120.0)
+        part = PSParticipant(shard, smps[0], 0, group=smps, job="bench")
+        coord = SnapshotCoordinator("bench", smps, [part], timeout_s=600.0,
+                                    hosts=cluster.smp_addresses)
+        now = [1000]
+
+        def train(seconds: float, snapshot_every: float | None) -> tuple[float, list[Any]]:
+            steps, t_end = 0, time.perf_counter() + seconds
+            last = time.perf_counter()
+            seals = []
+            while time.perf_counter() < t_end:
+                load.step(shard, now[0])
+                now[0] += 1
+                steps += 1
+                if snapshot_every is not None and time.perf_counter() - last >= snapshot_every:
+                    seals.append(coord.snapshot(now[0], background=True))
+                    last = time.perf_counter()
+            return steps / seconds, seals
+
+        # the first snapshot is full; then a warm-up increment so the leases are sized
+        man = coord.snapshot(now[0])
+        out["full_stall_ms"] = 1e3 * part.last["stall_s"]
+        full_bytes = man.parts["ps/0"].size
+        out["full_part_mb"] = full_bytes / (1 << 20)
+        part.wait_shipped(600)
+        train(args.interval_s, None)
+        coord.snapshot(now[0])
+        part.wait_shipped(600)
+        # alternate windows without / with a snapshot every interval
+        thr = {"none": [], "snap": []}
+        stalls, inc_sizes = [], []
+        for _ in range(args.windows):
+            thr["none"].append(train(args.window_s, None)[0])
+            t, seals = train(args.window_s, args.interval_s)
+            thr["snap"].append(t)
+            for f in seals:
+                m = f.result(timeout=600)
+                inc_sizes.append(m.parts["ps/0"].size)
+            stalls.append(1e3 * part.last["stall_s"])
+        hist = part._stall  # every capture's stall, incl. the window ones
+        del hist
+        out["examples_per_s_none"] = statistics.median(thr["none"]) * args.batch_keys
+        out["examples_per_s_snapshot"] = statistics.median(thr["snap"]) * args.batch_keys
+        out["overhead_pct"] = 100.0 * (1 - statistics.median(thr["snap"]) /
+                                       statistics.median(thr["none"]))
+        out["stall_ms"] = statistics.median(stalls)
+        out["stall_ms_per_gb"] = out["stall_ms"] / (state_bytes / (1 << 30))
+        out["incremental_bytes_ratio"] = statistics.median(inc_sizes) / full_bytes if inc_sizes else None
+        part.wait_shipped(600)
+        coord.wait_idle(600)
+        newest = coord.last_sealed
+        assert newest is not None
+        chain = sum(1 for _ in range(newest.snapshot_id + 1))  # informational
+        del chain
+        # encode throughput of a full part, one thread (as the SMP does it)
+        blob = np.random.default_rng(1).integers(0, 255, full_bytes, dtype=np.uint8)
+        t = time.perf_counter()
+        encode_parity(memoryview(blob), args.k, args.m)
+        out["encode_mb_per_s"] = full_bytes / (1 << 20) / (time.perf_counter() - t)
+        del blob
+        # restores: free the live table first (a crashed PS has no table either)
+        part.close()
+        del shard, part
+        gc.collect()
+        state_gb = state_bytes / (1 << 30)
+        for name, sources, local in (("restore_local_s", smps, 0),
+                                     ("restore_ec_s", {1: smps[1], 2: smps[2]}, None)):
+            fresh = PSShard(0, 1, [cfg])
+            t = time.perf_counter()
+            rec = Recovery(sources, local, job="bench", decode_threads=1)
+            r = rec.restore("ps/0", newest.snapshot_id)
+            fresh.load_state_dict(r.state)
+            out[name] = time.perf_counter() - t
+            out[name.replace("_s", "_s_per_gb")] = out[name] / state_gb
+            rec.close()
+            del r, fresh
+            gc.collect()
+        out["restore_chain_parts"] = _chain_len(smps, newest.snapshot_id)
+        # universal checkpoint of the newest snapshot
+        ckpt = os.path.join(work, "ckpt")
+        rec = Recovery(smps, 0, job="bench")
+        t = time.perf_counter()
+        path = write_checkpoint(ckpt, newest, rec)
+        out["disk_checkpoint_s"] = time.perf_counter() - t
+        rec.close()
+        # anchors on the same state (tensors)
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        from monolith_py.snapshot.checkpoint import load_checkpoint
+
+        uni = load_checkpoint(path)
+        t_ = uni.tables["t"]
+        sd = {k: torch.from_numpy(v) for k, v in t_.items() if hasattr(v, "dtype")}
+        cluster.stop()  # free the SMPs' memory before the anchors
+        del uni
+        gc.collect()
+        f = os.path.join(work, "state.pt")
+        t = time.perf_counter()
+        torch.save(sd, f)
+        _fsync_tree(os.path.dirname(f))
+        out["torch_save_s"] = time.perf_counter() - t
+        d = os.path.join(work, "dcp")
+        t = time.perf_counter()
+        dcp.save(sd, checkpoint_id=d)
+        _fsync_tree(d)
+        out["dcp_save_s"] = time.perf_counter() - t
+        del sd
+        gc.collect()
+        t = time.perf_counter()
+        back = torch.load(f, weights_only=True)
+        out["torch_load_s"] = time.perf_counter() - t
+        del back
+        out["load_avg_end"] = os.getloadavg()[0]
+        out["targets"] = {"stall_ms_per_gb": 50, "overhead_pct": 2, "restore_local_s_per_gb": 1,
+                          "restore_ec_s_per_gb": 3, "incremental_bytes_ratio": 0.2}
+        return out
+    finally:
+        cluster.stop()
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _chain_len(smps: Any, sid: int) -> int:
+    from monolith_py.snapshot.recovery import Recovery
+
+    cat = Recovery(smps, job="bench").catalog()
+    n, s = 0, sid
+    while s in cat.manifests:
+        rec = cat.manifests[s].parts["ps/0"]
+        n += 1
+        if rec.kind == "full":
+            break
+        s = rec.base_id
+    return n
