@@ -122,9 +122,15 @@ def _main(args: argparse.Namespace) -> int:
         os.replace(tmp, args.ready_file)
     print(json.dumps({"event": "serving", "shard": args.shard, "num_shards": n,
                       "address": server.address, "tables": sorted(shard.dims)}), flush=True)
+    from monolith_py.observe.export import export_tables
+    from monolith_py.observe.heartbeat import Heartbeat
+
+    beat = Heartbeat(f"ps/{args.shard}")
     try:
         while not stop.wait(0.5):
-            pass
+            # stats() takes the shard lock: a shard stuck under its lock stops beating
+            export_tables(shard.stats(), beat.role)
+            beat.beat()
     finally:
         server.stop(grace=2.0)
     print(json.dumps({"event": "stopped", "shard": args.shard,
