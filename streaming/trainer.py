@@ -32,8 +32,8 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 from monolith_py.errors import ConfigError, RetriableError
 
@@ -252,7 +252,9 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
         if world > 1:
             broadcast_parameters(model)
             dp = DataParallelOptimizer(inner)
-        trainer = OnlineTrainer(model, dp if dp is not None else inner, TrainerConfig(
+        # DataParallelOptimizer duck-types torch.optim.Optimizer (zero_grad, step, state)
+        opt = cast("torch.optim.Optimizer", dp) if dp is not None else inner
+        trainer = OnlineTrainer(model, opt, TrainerConfig(
             evict_interval_s=job.trainers.evict_interval_s,
             metrics_window=job.trainers.metrics_window))
         if snaps is not None:

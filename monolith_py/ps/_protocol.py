@@ -55,7 +55,8 @@ def _bad(msg: str) -> DecodeError:
     return DecodeError(f"bad PS request: {msg}")
 
 
-def decode(buf: bytes, limits: WireLimits, checksum: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def decode(buf: bytes, limits: WireLimits, checksum: bool = True
+           ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return decode_arrays(buf, limits=limits, require_checksum=checksum)
 
 
@@ -92,7 +93,8 @@ def encode_pull(parts: Sequence[tuple[str, np.ndarray]], train: bool, checksum: 
                          checksum=checksum)
 
 
-def decode_pull(buf: bytes, limits: WireLimits, checksum: bool) -> tuple[dict[str, np.ndarray], bool]:
+def decode_pull(buf: bytes, limits: WireLimits, checksum: bool
+                ) -> tuple[dict[str, np.ndarray], bool]:
     arrays, meta = decode(buf, limits, checksum)
     tables = _tables(meta)
     train = meta.get("train")

@@ -7,7 +7,8 @@ to gRPC) and always stopped: SIGTERM, then SIGKILL after a grace period.
 
 Example::
 
-    >>> with ShardProcesses(2, ["--features", "user,item", "--dim", "8"]) as shards:  # doctest: +SKIP
+    >>> args = ["--features", "user,item", "--dim", "8"]
+    >>> with ShardProcesses(2, args) as shards:        # doctest: +SKIP
     ...     client = PSClient(shards.addresses)
 """
 

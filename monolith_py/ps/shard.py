@@ -285,10 +285,10 @@ class PSShard:
         :func:`~monolith_py.ps.routing.shard_of` first). Validated before any change;
         a table whose own load fails is left unchanged, but earlier tables keep their
         new state, so callers treat a failure here as fatal for the shard."""
-        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+        fmt = state.get("format") if isinstance(state, Mapping) else None
+        if fmt != _STATE_FORMAT:
             raise InvalidInputError(
-                f"not a PS shard state (format {state.get('format') if isinstance(state, Mapping) else None!r}, "
-                f"expected {_STATE_FORMAT!r})")
+                f"not a PS shard state (format {fmt!r}, expected {_STATE_FORMAT!r})")
         if state.get("routing_version") != ROUTING_VERSION:
             raise InvalidInputError(
                 f"shard state uses routing version {state.get('routing_version')!r}, this "

@@ -122,7 +122,9 @@ def test_bad_payloads_are_rejected_and_the_shard_keeps_serving(server: PSServer)
     keys = np.arange(200, dtype=np.int64)
     mine, foreign = keys[shard_of(keys, 2) == 0], keys[shard_of(keys, 2) == 1]
     ok_grads = np.ones((len(mine), 8), np.float32)
-    push = lambda parts, **kw: proto.encode_push(parts, 1, "c", kw.get("seq", 1), True)  # noqa: E731
+    def push(parts: list) -> bytes:
+        return proto.encode_push(parts, 1, "c", 1, True)
+
     bad = [  # (what the answer must say, method, body)
         ("shorter than", proto.PULL, b"\x00garbage"),
         ("bad array frame", proto.PULL, proto.encode_pull([("t", mine)], True, True)[:40]),
@@ -152,7 +154,8 @@ def test_bad_payloads_are_rejected_and_the_shard_keeps_serving(server: PSServer)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "split" in details
     # nothing above changed the shard; it still serves, and good requests work
     assert server.shard.stats()["t"]["size"] == 0
-    health = proto.decode(_call(server, proto.HEALTH, proto.encode_meta({})), proto.limits_for(1 << 20))
+    health = proto.decode(_call(server, proto.HEALTH, proto.encode_meta({})),
+                          proto.limits_for(1 << 20))
     assert health[1]["status"] == "SERVING"
     rows = proto.decode(_call(server, proto.PULL, proto.encode_pull([("t", mine)], True, True)),
                         proto.limits_for(1 << 20))[0]["rows.0"]

@@ -56,17 +56,21 @@ def test_foreign_keys_are_rejected_and_nothing_changes() -> None:
     assert all(s["size"] == 0 for s in shard.stats().values())
     g = np.ones((mine.shape[0], 4), np.float32)
     with pytest.raises(InvalidInputError, match="belongs to shard 1"):
-        shard.push_many({"user": (mine, g), "item": (foreign, np.ones((len(foreign), 8), np.float32))}, 5)
+        shard.push_many({"user": (mine, g),
+                         "item": (foreign, np.ones((len(foreign), 8), np.float32))}, 5)
     assert shard.stats()["user"]["size"] == 0
 
 
+K1, G4 = np.zeros(1, np.int64), np.zeros((1, 4), np.float32)
+
+
 @pytest.mark.parametrize("bad, err, match", [
-    ({"nope": (np.zeros(1, np.int64), np.zeros((1, 4), np.float32))}, InvalidInputError, "unknown table"),
+    ({"nope": (K1, G4)}, InvalidInputError, "unknown table"),
     ({"user": (np.zeros(1, np.float64), np.zeros((1, 4), np.float32))}, InvalidTypeError, "int64"),
-    ({"user": (np.zeros((1, 1), np.int64), np.zeros((1, 4), np.float32))}, InvalidInputError, "1-D"),
+    ({"user": (np.zeros((1, 1), np.int64), G4)}, InvalidInputError, "1-D"),
     ({"user": (np.zeros(1, np.int64), np.zeros((1, 5), np.float32))}, InvalidInputError, "shape"),
     ({"user": (np.zeros(1, np.int64), np.zeros((1, 4), np.float64))}, InvalidTypeError, "float32"),
-    ({"user": (np.zeros(1, np.int64), np.full((1, 4), np.nan, np.float32))}, InvalidInputError, "NaN"),
+    ({"user": (K1, np.full((1, 4), np.nan, np.float32))}, InvalidInputError, "NaN"),
     ({"user": [np.zeros(1, np.int64)]}, InvalidInputError, "expected"),
 ])
 def test_push_validates_everything_first(bad: dict, err: type, match: str) -> None:

@@ -74,7 +74,8 @@ def test_validation_before_any_change() -> None:
         b.lookup({"user": torch.tensor([1.0])}, train=True)
     good = (torch.tensor([1, 2]), torch.ones(2, 4))
     with pytest.raises(InvalidInputError, match="NaN"):
-        b.apply_gradients({"user": good, "item": (torch.tensor([3]), torch.full((1, 8), np.inf))}, 1)
+        b.apply_gradients({"user": good,
+                           "item": (torch.tensor([3]), torch.full((1, 8), np.inf))}, 1)
     with pytest.raises(InvalidInputError, match="shape"):
         b.apply_gradients({"user": (torch.tensor([1, 2]), torch.ones(2, 5))}, 1)
     assert all(s["size"] == 0 for s in b.stats().values())
@@ -91,7 +92,8 @@ def _batches(n: int, b: int = 64) -> list[Batch]:
     out = []
     for i in range(n):
         lengths = np.stack([np.ones(b, np.int64), np.ones(b, np.int64), rng.integers(0, 4, b)])
-        ids = [rng.integers(0, 300, b), rng.integers(0, 100, b), rng.integers(0, 100, lengths[2].sum())]
+        ids = [rng.integers(0, 300, b), rng.integers(0, 100, b),
+               rng.integers(0, 100, lengths[2].sum())]
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=["user", "item", "hist"], values=torch.from_numpy(np.concatenate(ids)),
             lengths=torch.from_numpy(lengths.reshape(-1)))
