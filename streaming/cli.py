@@ -120,6 +120,11 @@ def register_replay(subparsers: Any) -> None:
                         "pacing)")
     m.add_argument("--limit", type=int, default=None, help="only the first N ratings")
     m.add_argument("--data-dir", default=None, help="MovieLens directory (ml-latest-small)")
+    m.add_argument("--actions-topic", default=None,
+                   help="write joiner input instead: every rating as an impression to --topic "
+                        "and every rating >= 4 as an action here")
+    m.add_argument("--rate", type=float, default=0.0,
+                   help="with --actions-topic: at most this many impressions per second")
     m.set_defaults(func=_replay_movielens)
 
 
@@ -131,7 +136,20 @@ def _replay_movielens(args: argparse.Namespace) -> int:
     from streaming.topics import ensure_topic
 
     replay = load_movielens(args.data_dir)
-    ensure_topic(args.bootstrap_servers, args.topic, args.partitions)
+    parts = ensure_topic(args.bootstrap_servers, args.topic, args.partitions)
+    if args.actions_topic is not None:
+        from monolith_py.errors import ConfigError
+        from streaming.produce import replay_impressions
+
+        if ensure_topic(args.bootstrap_servers, args.actions_topic, parts) != parts:
+            raise ConfigError(f"{args.topic} and {args.actions_topic} need equal partition "
+                              "counts (the joiner pairs them)")
+        with KafkaSink(args.bootstrap_servers, args.topic) as imp, \
+                KafkaSink(args.bootstrap_servers, args.actions_topic) as act:
+            out = replay_impressions(replay.batches(args.batch_size, stop=args.limit), imp, act,
+                                     partitions=parts, rate=args.rate)
+        _print_json({"topic": args.topic, "actions_topic": args.actions_topic, **out})
+        return 0
     with KafkaSink(args.bootstrap_servers, args.topic) as sink:
         out = replay_to_kafka(replay.batches(args.batch_size, stop=args.limit), sink,
                               speedup=args.speedup,
@@ -208,7 +226,7 @@ def _generate(args: argparse.Namespace) -> int:
             out = generate_impressions(gen, imp, act, examples=args.examples,
                                        batch_size=args.batch_size, partitions=parts,
                                        click_delay_mean_s=args.click_delay_s,
-                                       start_batch=args.start_batch)
+                                       start_batch=args.start_batch, rate=args.rate)
     _print_json({"topic": args.topic, **out})
     return 0
 
@@ -244,6 +262,8 @@ def register_joiner(subparsers: Any) -> None:
                    help="exit once the inputs are read to their end")
     p.add_argument("--drain", action="store_true",
                    help="at exit, close every open window (end of a replay)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics (heartbeat, emitted, pending) on this port")
     p.set_defaults(func=_joiner)
 
 
@@ -276,15 +296,30 @@ def _joiner(args: argparse.Namespace) -> int:
                     dead_letter_topic=args.dead_letter_topic, lateness_s=args.lateness_s)
     stop = threading.Event()
     _stop_on_signals(stop, joiner.stop)
+    from monolith_py.observe.export import export_values
+    from monolith_py.observe.heartbeat import Heartbeat
+
+    beat = Heartbeat(f"joiner/{args.rank}")
+    if args.metrics_port is not None:
+        from monolith_py.observe.metrics import serve_metrics
+
+        serve_metrics(args.metrics_port)
     try:
         if args.state_file and os.path.exists(args.state_file):
             with open(args.state_file, "rb") as f:
                 joiner.load_state_dict(load_joiner_state(f.read()))
             log.info("joiner state restored from %s", args.state_file)
+        elif args.state_file:  # a crash before the first periodic save must not re-emit
+            _save_state(joiner, args.state_file)
         last_save = time.monotonic()
+        exported = 0.0
 
         def on_poll(j: Any) -> None:
-            nonlocal last_save
+            nonlocal last_save, exported
+            beat.beat()
+            if time.monotonic() - exported >= 1.0:
+                exported = time.monotonic()
+                export_values(j.stats(), _JOINER_GAUGES, beat.role, "Joiner statistic.")
             if args.state_file and time.monotonic() - last_save >= args.checkpoint_every_s:
                 _save_state(j, args.state_file)
                 last_save = time.monotonic()
@@ -298,6 +333,14 @@ def _joiner(args: argparse.Namespace) -> int:
         joiner.close()
     _print_json(stats)
     return 0
+
+
+_JOINER_GAUGES = {"emitted": "monolith_joiner_emitted",
+                  "pending_impressions": "monolith_joiner_pending_impressions",
+                  "pending_actions": "monolith_joiner_pending_actions",
+                  "watermark": "monolith_joiner_watermark_seconds",
+                  "dead_letters": "monolith_joiner_dead_letters",
+                  "restored_emitted": "monolith_joiner_restored_emitted"}
 
 
 # -- train --------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 * :func:`replay_to_kafka` writes batches in order, optionally paced so event time runs
   ``speedup`` times faster than the wall clock (``speedup=0``: as fast as possible).
+* :func:`replay_impressions` writes a labelled replay (MovieLens) as the joiner's input
+  instead: every example as an impression (label 0) and every positive as an action at
+  the same event time (the joiner labels them back).
 * :func:`generate_examples` writes the synthetic CTR stream as labelled examples.
 * :func:`generate_impressions` writes it as the joiner's input instead: impressions to
   one topic and clicks (delayed in event time, exponential with mean
@@ -32,8 +35,8 @@ if TYPE_CHECKING:
     from monolith_py.batch import Batch
     from streaming.sink import KafkaSink
 
-__all__ = ["pacing_delay", "replay_to_kafka", "generate_examples", "generate_impressions",
-           "ActionScheduler"]
+__all__ = ["pacing_delay", "replay_to_kafka", "replay_impressions", "generate_examples",
+           "generate_impressions", "ActionScheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,47 @@ def replay_to_kafka(batches: Iterable[Batch | ExampleColumns], sink: KafkaSink, 
     sink.flush(timeout_s=300)
     return {"messages": messages, "examples": examples, "first_event_time": first,
             "last_event_time": last, "seconds": clock() - started}
+
+
+def replay_impressions(batches: Iterable[Batch | ExampleColumns], impressions: KafkaSink,
+                       actions: KafkaSink, *, partitions: int = 1, rate: float = 0.0,
+                       clock: Callable[[], float] = time.monotonic,
+                       sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Write labelled batches as impressions (labels zeroed) plus one action per positive
+    (``label > 0.5``, at the example's timestamp), both partitioned by ``example id %
+    partitions``; at most ``rate`` impressions per wall second (0: no pacing). Returns
+    ``{"impressions", "actions", "messages", "seconds"}``."""
+    if partitions < 1 or rate < 0:
+        raise ConfigError(f"need partitions >= 1 and rate >= 0, got {partitions}, {rate}")
+    started = clock()
+    written = clicks = messages = 0
+    for item in batches:
+        cols = item if isinstance(item, ExampleColumns) else from_batch(item)
+        if len(cols) == 0:
+            continue
+        if rate > 0:
+            wait = started + written / rate - clock()
+            if wait > 0:
+                sleep(wait)
+        reqs = cols.example_ids
+        hit = cols.labels > 0.5
+        unlabeled = ExampleColumns(**{**cols.__dict__,
+                                      "labels": np.zeros(len(cols), np.float32)})
+        for p in range(partitions):
+            sel = np.flatnonzero(reqs % partitions == p)
+            if sel.size:
+                impressions.send_columns(take_rows(unlabeled, sel), partition=p)
+                messages += 1
+            act = np.flatnonzero(hit & (reqs % partitions == p))
+            if act.size:
+                actions.send_columns(_actions_columns(reqs[act], cols.timestamps[act]),
+                                     partition=p)
+        written += len(cols)
+        clicks += int(hit.sum())
+    impressions.flush(timeout_s=300)
+    actions.flush(timeout_s=300)
+    return {"impressions": written, "actions": clicks, "messages": messages,
+            "seconds": clock() - started}
 
 
 def generate_examples(gen: SyntheticCTR, sink: KafkaSink, *, examples: int, batch_size: int,
@@ -148,9 +192,12 @@ def _actions_columns(ids: np.ndarray, times: np.ndarray) -> ExampleColumns:
 
 def generate_impressions(gen: SyntheticCTR, impressions: KafkaSink, actions: KafkaSink, *,
                          examples: int, batch_size: int, partitions: int,
-                         click_delay_mean_s: float, start_batch: int = 0) -> dict[str, Any]:
+                         click_delay_mean_s: float, start_batch: int = 0, rate: float = 0.0,
+                         clock: Callable[[], float] = time.monotonic,
+                         sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """Write the synthetic stream as impressions + delayed clicks (see module docstring).
     Request ids are the example ids; a click's delay comes from a hash of its request id.
+    ``rate``: at most this many impressions per wall second (0: as fast as possible).
     """
     if partitions < 1 or click_delay_mean_s < 0:
         raise ConfigError(f"need partitions >= 1 and click_delay_mean_s >= 0, got "
@@ -158,6 +205,7 @@ def generate_impressions(gen: SyntheticCTR, impressions: KafkaSink, actions: Kaf
     pending = ActionScheduler()
     written = clicks = 0
     index = start_batch
+    started = clock()
 
     def flush_due(now: int) -> int:
         ids, times = pending.due(now)
@@ -168,6 +216,10 @@ def generate_impressions(gen: SyntheticCTR, impressions: KafkaSink, actions: Kaf
         return int(ids.shape[0])
 
     while written < examples:
+        if rate > 0:
+            wait = started + written / rate - clock()
+            if wait > 0:
+                sleep(wait)
         cols, _ = gen.batch(index, batch_size)  # fixed size: example ids stay unique
         index += 1
         if written + len(cols) > examples:
