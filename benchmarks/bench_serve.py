@@ -13,7 +13,8 @@ measured and publishes the dense state every ``--dense-interval`` seconds.
   row and score the same, so the answer "changes" exactly when the delta was applied
   (dense updates move both scores alike).
 * ``predict_p50_ms`` / ``predict_p99_ms`` / ``rps``: batch-1 requests, ``--concurrency``
-  keep-alive connections (training stopped).
+  keep-alive connections (training stopped); medians of ``--rounds`` phases that
+  alternate with the anchor's, so both see the same machine load.
 * ``examples_per_s``: batch-256 requests at the same concurrency.
 * ``bare_rps`` (+ ``bare_p50_ms``, ``bare_p99_ms``): a plain FastAPI app in its own
   uvicorn process, synchronous handler (FastAPI's thread pool), same request schema,
@@ -48,7 +49,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="train->serve freshness and HTTP predict "
                                             "throughput beside a bare FastAPI handler")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per load phase")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per load phase")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="batch-1 phases per server, alternating ours/bare (medians)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--probes", type=int, default=40, help="freshness measurements")
     p.add_argument("--sync-interval", type=float, default=1.0)
@@ -341,6 +344,13 @@ async def _freshness(tr: _Training, port: int, probes: int, sync_interval: float
     return out
 
 
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per-key median over load phases (errors summed)."""
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["errors"] = sum(r["errors"] for r in runs)
+    return out
+
+
 def _pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
@@ -375,8 +385,6 @@ def _main(args: argparse.Namespace) -> int:
         one = _bodies(64, 1, args.rows, args.seed + 2)
         big = _bodies(8, 256, args.rows, args.seed + 3)
         time.sleep(2 * args.sync_interval + 0.5)  # the last delta and dense state arrive
-        ours_1 = asyncio.run(_load(port, one, args.concurrency, args.duration))
-        ours_256 = asyncio.run(_load(port, big, args.concurrency, args.duration))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.mnf")
             tr.save_model(path)
@@ -403,7 +411,15 @@ def _main(args: argparse.Namespace) -> int:
                 if bare.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the bare anchor did not start")
                 time.sleep(0.2)
-            bare_1 = asyncio.run(_load(bare_port, one, args.concurrency, args.duration))
+            # alternate short phases so both servers see the same machine load
+            rounds: dict[str, list[dict[str, float]]] = {"ours": [], "bare": []}
+            for _ in range(args.rounds):
+                rounds["ours"].append(asyncio.run(
+                    _load(port, one, args.concurrency, args.duration)))
+                rounds["bare"].append(asyncio.run(
+                    _load(bare_port, one, args.concurrency, args.duration)))
+            ours_256 = asyncio.run(_load(port, big, args.concurrency, args.duration))
+            ours_1, bare_1 = _median(rounds["ours"]), _median(rounds["bare"])
     finally:
         tr.stop.set()
         _stop(ours)
@@ -425,6 +441,8 @@ def _main(args: argparse.Namespace) -> int:
         "bare_p50_ms": round(bare_1["p50_ms"], 3),
         "bare_p99_ms": round(bare_1["p99_ms"], 3),
         "rps_vs_bare": round(ours_1["rps"] / bare_1["rps"], 3),
+        "rps_rounds": [round(r["rps"], 1) for r in rounds["ours"]],
+        "bare_rps_rounds": [round(r["rps"], 1) for r in rounds["bare"]],
         "errors": int(ours_1["errors"] + ours_256["errors"] + bare_1["errors"]),
         "train_steps_during_freshness": tr.steps,
         "probes": len(fresh),

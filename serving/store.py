@@ -73,13 +73,17 @@ class ServingStore:
         shards: number of PS shards followed (readiness waits for each).
         fp16: keep rows as float16.
         clock: wall-clock seconds (for "last sync" times).
+        torch_threads: intra-op threads for building/loading models on the subscriber
+            threads (OpenMP settings are per thread).
     """
 
-    def __init__(self, shards: int, *, fp16: bool = False, clock: Any = time.time) -> None:
+    def __init__(self, shards: int, *, fp16: bool = False, clock: Any = time.time,
+                 torch_threads: int = 1) -> None:
         if shards < 1:
             raise ConfigError(f"a serving store follows at least one shard, got {shards}")
         self.shards = int(shards)
         self.fp16 = bool(fp16)
+        self._threads = int(torch_threads)
         self._clock = clock
         self._lock = threading.Lock()
         self._replicas: dict[str, ReplicaTable] = {}
@@ -184,6 +188,7 @@ class ServingStore:
 
     def apply_dense(self, dense: DenseUpdate) -> bool:
         """Swap in the dense model of ``dense``; False (nothing changed) when invalid."""
+        torch.set_num_threads(self._threads)  # this runs on a subscriber thread
         try:
             spec = ModelSpec.from_dict(dense.spec)
         except ConfigError as exc:

@@ -96,7 +96,8 @@ class ServingWorker:
 
         torch.set_num_threads(config.torch_threads)
         self.config = config
-        self.store = ServingStore(len(config.ps), fp16=config.fp16)
+        self.store = ServingStore(len(config.ps), fp16=config.fp16,
+                                  torch_threads=config.torch_threads)
         self.batcher: MicroBatcher[Any, Any] = MicroBatcher(
             self.store.predict, size=lambda p: p.n, max_examples=config.max_batch_examples,
             max_wait_s=config.max_wait_ms / 1000.0, inline=config.batching == "inline",
