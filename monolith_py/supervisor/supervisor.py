@@ -286,6 +286,10 @@ class Supervisor:
         if st.proc is not None and st.proc.poll() is None:
             st.proc.send_signal(sig)
 
+    def request_stop(self) -> None:
+        """Abort waits for roles to start and any recovery (thread- and signal-safe)."""
+        self._stop.set()
+
     def shutdown(self) -> None:
         """Stop every role (reverse start order), the watchers and the keepers."""
         self._stop.set()
