@@ -72,6 +72,17 @@ def sum_by_row(rows, grads, mark, urows, gsum):  # type: ignore[no-untyped-def]
     return u
 
 
+@njit(cache=True)
+def rows_written_after(meta, high_water, version, out):  # type: ignore[no-untyped-def]
+    """Live rows whose last write is after ``version`` into ``out``; returns the count."""
+    c = 0
+    for r in range(high_water):
+        if meta[r, 0] != EMPTY and meta[r, 3] > version:
+            out[c] = r
+            c += 1
+    return c
+
+
 class RowArena:
     """Parallel per-row arrays: ``weights [cap, dim]`` float32, one array per optimizer slot
     (``[cap, width]`` float32) and ``meta [cap, 4]`` int64 (``key`` is ``EMPTY`` on free
@@ -161,6 +172,12 @@ class RowArena:
         self.meta[rows, KEY] = EMPTY
         self._free[self._nfree : self._nfree + rows.shape[0]] = rows
         self._nfree += rows.shape[0]
+
+    def rows_written_after(self, version: int) -> np.ndarray:
+        """Indices of live rows written after ``version`` (ascending)."""
+        out = np.empty(self.live, dtype=np.int64)
+        c = rows_written_after(self.meta, self.high_water, np.int64(version), out)
+        return out[:c]
 
     def live_rows(self) -> np.ndarray:
         """Indices of rows in use."""

@@ -319,8 +319,7 @@ class EmbeddingTable:
         ``include_state=True`` adds optimizer slots and metadata (incremental snapshots)."""
         v = _as_int(version, "version")
         a = self._arena
-        live = a.live_rows()
-        sel = live[a.version[live] > v]
+        sel = a.rows_written_after(v)
         order = np.argsort(a.key[sel], kind="stable")
         sel = sel[order]
         keys = a.key[sel]
