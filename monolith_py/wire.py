@@ -172,6 +172,15 @@ class FramePlan:
         return np.frombuffer(buf, dtype=dtype, count=count,
                              offset=self.offsets[name]).reshape(shape)
 
+    def head(self, payload_crc: int) -> bytes:
+        """The prefix and header for a payload whose crc32c is ``payload_crc`` (for
+        writers that stream the payload, e.g. to a file)."""
+        out = bytearray(self.payload_start)
+        _PREFIX.pack_into(out, 0, MAGIC, _FLAG_CHECKSUM if self.checksum else 0,
+                          self.payload_start - _PREFIX.size, payload_crc if self.checksum else 0)
+        out[_PREFIX.size:] = self.header
+        return bytes(out)
+
     def finish(self, buf: Any) -> int:
         """Write the prefix and header into ``buf`` and, after the caller filled every
         array, the payload checksum; returns the frame size. ``buf[:nbytes]`` then

@@ -51,7 +51,7 @@ import numpy as np
 from monolith_py.errors import CorruptDataError, DecodeError, InvalidInputError, SnapshotError
 from monolith_py.snapshot.manifest import CODE_VERSION, Manifest
 from monolith_py.snapshot.tree import flatten_state, unflatten_state
-from monolith_py.wire import decode_arrays, encode_arrays
+from monolith_py.wire import decode_arrays, plan_frame
 
 __all__ = ["UniversalState", "read_snapshot", "write_checkpoint", "load_checkpoint",
            "find_checkpoints", "merge_shard_states", "CHECKPOINT_FORMAT"]
@@ -88,15 +88,19 @@ def merge_shard_states(states: list[Mapping[str, Any]]) -> dict[str, dict[str, A
     out: dict[str, dict[str, Any]] = {}
     for name in states[0]["tables"]:
         parts = [s["tables"][name] for s in states]
-        keys = np.concatenate([p["keys"] for p in parts])
-        order = np.argsort(keys, kind="stable")
-        keys = keys[order]
+        arrays = ["weights", *_ROW, *[k for k in parts[0] if k.startswith("slot.")]]
+        if n == 1:  # already key-sorted: no copy
+            keys = np.asarray(parts[0]["keys"])
+            t: dict[str, Any] = {"keys": keys, **{a: parts[0][a] for a in arrays}}
+        else:
+            keys = np.concatenate([p["keys"] for p in parts])
+            order = np.argsort(keys, kind="stable")
+            keys = keys[order]
+            t = {"keys": keys}
+            for a in arrays:
+                t[a] = np.concatenate([p[a] for p in parts])[order]
         if keys.shape[0] > 1 and not (np.diff(keys) > 0).all():
             raise CorruptDataError(f"table {name!r}: a key is held by two shards")
-        t: dict[str, Any] = {"keys": keys}
-        arrays = ["weights", *_ROW, *[k for k in parts[0] if k.startswith("slot.")]]
-        for a in arrays:
-            t[a] = np.concatenate([p[a] for p in parts])[order]
         t["meta"] = {"name": name, "dim": int(parts[0]["dim"]),
                      "optimizer": parts[0]["optimizer"], "format": parts[0]["format"]}
         t["sources"] = [{
@@ -223,7 +227,41 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _table_frame(name: str, t: Mapping[str, Any]) -> bytes:
+def _write_frame_file(path: str, arrays: Mapping[str, Any], meta: Mapping[str, Any]
+                      ) -> dict[str, int]:
+    """Write a wire frame to ``path`` array by array (no whole-frame copy in memory), fsync;
+    returns its size and the crc32c of the whole file."""
+    arrs = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    plan = plan_frame([(k, a.dtype, a.shape) for k, a in arrs.items()], meta)
+    pieces: list[Any] = []
+    pos = plan.payload_start
+    for k, a in arrs.items():
+        off = plan.offsets[k]
+        if off > pos:
+            pieces.append(bytes(off - pos))
+        pieces.append(memoryview(a.reshape(-1).view(np.uint8)))
+        pos = off + a.nbytes
+    payload_crc = 0
+    for piece in pieces:
+        payload_crc = crc32c.crc32c(piece, payload_crc)
+    head = plan.head(payload_crc)
+    file_crc = crc32c.crc32c(head)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for piece in [head, *pieces]:
+            view = memoryview(piece).cast("B")
+            done = 0
+            while done < view.nbytes:
+                done += os.write(fd, view[done: done + (256 << 20)])
+            if piece is not head:
+                file_crc = crc32c.crc32c(view, file_crc)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"size": plan.nbytes, "crc32c": file_crc}
+
+
+def _table_arrays(t: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     arrays: dict[str, Any] = {"keys": t["keys"], "weights": t["weights"]}
     for a in (*_ROW, *[k for k in t if k.startswith("slot.")]):
         arrays[a] = t[a]
@@ -236,9 +274,9 @@ def _table_frame(name: str, t: Mapping[str, Any]) -> bytes:
         sources.append({"version": s["version"], "clock": s["clock"], "counters": s["counters"],
                         "filter": s["filter"] is not None})
     m = t["meta"]
-    return encode_arrays(arrays, {"format": "monolith.universal_table/1", "name": m["name"],
-                                  "dim": m["dim"], "optimizer": m["optimizer"],
-                                  "table_format": m["format"], "sources": sources})
+    return arrays, {"format": "monolith.universal_table/1", "name": m["name"],
+                    "dim": m["dim"], "optimizer": m["optimizer"],
+                    "table_format": m["format"], "sources": sources}
 
 
 def _decode_table(buf: Any) -> dict[str, Any]:
@@ -307,7 +345,7 @@ def write_checkpoint(root: str, manifest: Manifest, recovery: Any,
         tables = {}
         for i, (name, t) in enumerate(sorted(uni.tables.items())):
             rel = f"tables/t{i}.mnf"
-            files[rel] = _write_file(os.path.join(tmp, rel), _table_frame(name, t))
+            files[rel] = _write_frame_file(os.path.join(tmp, rel), *_table_arrays(t))
             tables[name] = {"file": rel, "dim": t["meta"]["dim"],
                             "optimizer": t["meta"]["optimizer"], "num_keys": int(t["keys"].shape[0])}
         trainers = {}

@@ -58,6 +58,8 @@ def register_smp(subparsers: Any) -> None:
     p.add_argument("--keep", type=int, default=2, help="sealed snapshots retained (default 2)")
     p.add_argument("--full-every", type=int, default=8,
                    help="compose a full part after this many increments (0: never)")
+    p.add_argument("--keep-free-mb", type=int, default=1024,
+                   help="MiB of freed segments kept faulted in for reuse (default 1024)")
     p.add_argument("--place-timeout-s", type=float, default=60.0,
                    help="how long block placement retries an unavailable peer (default 60)")
     p.add_argument("--shm-dir", default=None,
@@ -83,7 +85,8 @@ def _smp_main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--peers lists {len(peers)} hosts but --num-hosts is {n}")
     cfg = SMPConfig(job=args.job, host_id=args.host_id, num_hosts=n, k=args.k, m=args.m,
                     keep=args.keep, full_every=args.full_every, shm_dir=args.shm_dir,
-                    place_timeout_s=args.place_timeout_s)
+                    place_timeout_s=args.place_timeout_s,
+                    keep_free_bytes=args.keep_free_mb << 20)
     if args.nice:
         try:
             os.nice(int(args.nice))

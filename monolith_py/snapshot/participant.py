@@ -95,11 +95,14 @@ class PSParticipant:
         host_id: this host's index (home of the shard's parts).
         group: ``{host: PartSource}`` of every SMP of the group (for restores).
         checkpoint_dir, job: for restores (disk fallback, manifest filter).
+        prelease: lease (and fault in) a segment for the first, full part right away, in
+            the background, so even the first capture copies at memory speed.
     """
 
     def __init__(self, shard: Any, smp: Any, host_id: int, *,
                  group: Mapping[int, PartSource] | None = None,
-                 checkpoint_dir: str | None = None, job: str | None = None) -> None:
+                 checkpoint_dir: str | None = None, job: str | None = None,
+                 prelease: bool = True) -> None:
         self.shard = shard
         self.smp = smp
         self.host_id = int(host_id)
@@ -116,9 +119,24 @@ class PSParticipant:
         self._mu = threading.Lock()
         self._shipper = _Shipper(self.name, self._ship)
         self.last: dict[str, Any] = {}
+        self.stalls: list[float] = []  # lock-held seconds of recent captures
         self._stall = histogram("monolith_snapshot_stall_seconds",
                                 "Time training is blocked by a snapshot capture.",
                                 ["participant"]).labels(self.name)
+        if prelease:
+            self._shipper.put("lease")
+
+    def full_size_estimate(self) -> int:
+        """Bytes of a full part of the shard now (rows, slots, metadata, small arrays)."""
+        total = 1 << 20
+        for name, t in self.shard.tables.items():
+            st = t.stats()
+            per_row = 32 + 4 * t.dim + 4 * sum(
+                int(getattr(a, "shape", (0, 0))[1]) for a in getattr(
+                    getattr(t, "_arena", None), "slots", {}).values())
+            total += int(st.get("size", 0)) * per_row + int(st.get("filter_memory_bytes", 0))
+            total += 16 * int(st.get("deletion_log", 0))
+        return total
 
     # -- leases ------------------------------------------------------------------------------------
 
@@ -152,6 +170,7 @@ class PSParticipant:
             part = self.capturer.capture(snapshot_id, step, base_id, alloc=self._take_lease,
                                          extra_meta={"participant": self.name})
             self._stall.observe(part.stall_s)
+            self.stalls = (self.stalls + [part.stall_s])[-1000:]
             lease = mapping = None
             with self._lease_lock:
                 if self._mapping is not None and part.buffer is self._mapping.view:
@@ -163,7 +182,10 @@ class PSParticipant:
             self._shipper.put((part, lease, mapping))
             return dict(self.last)
 
-    def _ship(self, item: tuple[CapturedPart, dict[str, Any] | None, Any]) -> None:
+    def _ship(self, item: Any) -> None:
+        if item == "lease":
+            self._renew_lease(int(1.1 * self.full_size_estimate()))
+            return
         part, lease, mapping = item
         part.finish()
         nbytes, kind = part.nbytes, part.kind

@@ -191,8 +191,8 @@ class ShardCapturer:
                 plan_rows.append((i, dirty, live))
                 smalls.append(small)
                 rows_total += nd
-            meta = self._meta(snapshot_id, step, kind, base_id if kind == "inc" else -1,
-                              tmeta, extra_meta)
+            base_sid = -1 if kind == "full" or base_id is None else int(base_id)
+            meta = self._meta(snapshot_id, step, kind, base_sid, tmeta, extra_meta)
             plan = plan_frame(specs, meta)
             buf = (alloc(plan.nbytes) if alloc is not None else None) or bytearray(plan.nbytes)
             for (i, dirty, live), (name, table), small in zip(plan_rows, tables.items(),
@@ -209,8 +209,7 @@ class ShardCapturer:
                     plan.array(buf, f"t{i}.{sname}")[...] = arr
             self._remember(snapshot_id, {name: views[name].version for name in tables})  # type: ignore[union-attr]
             stall = time.perf_counter() - t0
-        return CapturedPart(buf, plan, snapshot_id, kind, base_id if kind == "inc" else -1,
-                            rows_total, stall)
+        return CapturedPart(buf, plan, snapshot_id, kind, base_sid, rows_total, stall)
 
     def _remember(self, snapshot_id: int, versions: dict[str, int]) -> None:
         self._versions[snapshot_id] = versions

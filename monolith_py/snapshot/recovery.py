@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -235,25 +236,30 @@ class Recovery:
         bs = rec.block_size
         good: dict[int, bytes] = {}
         order = sorted(range(rec.m), key=lambda i: (i >= rec.k, i))  # data blocks first
-        for i in order:
-            if len(good) >= rec.k:
-                break
+
+        def fetch(i: int) -> tuple[int, bytes | None, str | None]:
             host = rec.placement[i]
             src = self.sources.get(host)
             if src is None:
-                why.append(f"block {i}: host {host} not in the group")
-                continue
+                return i, None, f"block {i}: host {host} not in the group"
             try:
                 blk = src.get_block((*rec.key, i))
             except MonolithError as exc:
-                why.append(f"block {i}: host {host} unavailable ({type(exc).__name__})")
-                continue
+                return i, None, f"block {i}: host {host} unavailable ({type(exc).__name__})"
             if blk is None:
-                why.append(f"block {i}: missing on host {host}")
-            elif len(blk) != bs or crc32c.crc32c(blk) != rec.block_crcs[i]:
-                why.append(f"block {i} on host {host} corrupt: excluded")
-            else:
-                good[i] = blk
+                return i, None, f"block {i}: missing on host {host}"
+            if len(blk) != bs or crc32c.crc32c(blk) != rec.block_crcs[i]:
+                return i, None, f"block {i} on host {host} corrupt: excluded"
+            return i, blk, None
+
+        while order and len(good) < rec.k:  # fetch as many as still needed, in parallel
+            want, order = order[: rec.k - len(good)], order[rec.k - len(good):]
+            with ThreadPoolExecutor(max_workers=len(want)) as pool:
+                for i, blk, problem in pool.map(fetch, want):
+                    if blk is not None:
+                        good[i] = blk
+                    else:
+                        why.append(str(problem))
         if len(good) < rec.k:
             why.append(f"only {len(good)} of the {rec.k} blocks needed")
             return None

@@ -22,6 +22,7 @@ work (checksums, coding, transfers) runs outside the lock on pinned blobs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -88,7 +89,7 @@ class SMPConfig:
     shm_dir: str | None = None
     chunk_bytes: int = 8 << 20
     place_timeout_s: float = 60.0
-    keep_free_bytes: int = 4 << 30
+    keep_free_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         CodecConfig(self.k, self.m)
@@ -413,7 +414,7 @@ class SnapshotStore:
                 raise InvalidInputError(f"chunk of {key} at offset {off} out of order")
             blob, _ = entry
             self._incoming[key] = (blob, off + data.shape[0])
-        blob.seg.view[off: off + data.shape[0]] = data
+        blob.seg.view[off: off + data.shape[0]] = data.data
         if not meta.get("final"):
             return
         fault_point("smp.block")
@@ -600,7 +601,7 @@ class SnapshotStore:
                     if rec.home == self.config.host_id and rec.kind == "inc"
                     and self._chain_length(man, p) >= every]
         for p in todo:
-            self._queue.put(lambda p=p: self._compact(man, p))
+            self._queue.put(functools.partial(self._compact, man, p))
 
     def _compact(self, man: Manifest, p: str) -> None:
         from monolith_py.snapshot.compose import compose
@@ -700,9 +701,10 @@ class SnapshotStore:
             records.update(self._records)
         done = {"parts": 0, "blocks": 0, "failed": 0}
         for key in sorted(keys, key=lambda k: (k[1], k[0], k[2])):
-            r = records.get(key)
-            if r is None or me not in r.placement:
+            found = records.get(key)
+            if found is None or me not in found.placement:
                 continue
+            r = found
             idx = r.placement.index(me)
             with self._mu:
                 have = key in self._parts if idx == 0 else (*key, idx) in self._blocks

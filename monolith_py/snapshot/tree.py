@@ -204,8 +204,10 @@ def encode_state(obj: Any, meta: Mapping[str, Any] | None = None) -> bytes:
 
 def decode_state(buf: Any, *, limits: WireLimits | None = None) -> tuple[Any, dict[str, Any]]:
     """``(state, meta)`` from :func:`encode_state` output (checksum required)."""
-    kw = {} if limits is None else {"limits": limits}
-    arrays, meta = decode_arrays(buf, require_checksum=True, **kw)
+    if limits is None:
+        arrays, meta = decode_arrays(buf, require_checksum=True)
+    else:
+        arrays, meta = decode_arrays(buf, limits=limits, require_checksum=True)
     if "tree" not in meta:
         raise DecodeError("bad state frame: no 'tree' in its metadata")
     tree = meta.pop("tree")
