@@ -146,6 +146,10 @@ class ShardSubscriber:
                             f"{exc.details() if hasattr(exc, 'details') else exc}")
             except DecodeError as exc:
                 self._error("decode", str(exc))
+            except Exception as exc:  # noqa: BLE001 - the follower thread must not die
+                if self._stop.is_set():
+                    break
+                self._error("internal", f"{type(exc).__name__}: {exc}")
             finally:
                 self.connected = False
                 with self._mu:
