@@ -93,7 +93,8 @@ def register(subparsers: Any) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("kafka").setLevel(logging.WARNING)
+        for name in ("kafka", "monolith.snapshot.recovery"):  # the catalog polls are chatty
+            logging.getLogger(name).setLevel(logging.WARNING)
     from monolith_py.observe.stragglers import StragglerPolicy
     from monolith_py.supervisor import (
         ChaosConfig,
@@ -206,8 +207,9 @@ class _Runner:
     def _tick(self) -> None:
         self.sup.tick()
         v = self.view()
-        if v["ex_per_s"] is not None and self.phase in ("running", "draining"):
-            self.ex_rates.append(v["ex_per_s"])
+        rate = self.sup.series.last("ex_rate:all")
+        if rate and self.phase in ("running", "draining", "finishing"):
+            self.ex_rates.append(rate)  # while training (idle waits for data excluded)
         self.display.update(v)
 
     def _set_phase(self, phase: str, why: str) -> None:

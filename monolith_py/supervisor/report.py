@@ -139,7 +139,7 @@ def format_summary(s: Mapping[str, Any]) -> str:
     """The human-readable summary printed at the end of ``monolith up``."""
     ok = "OK" if s.get("ok") else "NOT OK"
     lines = [
-        f"== monolith up: {ok} ({s.get('reason', '')})".rstrip(" ()"),
+        f"== monolith up: {ok}" + (f" ({s['reason']})" if s.get("reason") else ""),
         f"   source            {s.get('source')}  ({s.get('duration_s', 0):.0f} s)",
         f"   examples trained  {s.get('examples_trained')}  of {s.get('unique_examples')} "
         f"written by the joiner from {s.get('impressions')} impressions",

@@ -162,6 +162,7 @@ class Supervisor:
         self._snap_at_recovery = -1
         self._step_hist: deque[dict[str, float]] = deque(maxlen=max(30, config.stragglers.k))
         self._stop = threading.Event()
+        self._watching = False
         self._m_restarts = counter("monolith_supervisor_restarts_total", "Role restarts.",
                                    ["role"])
         self._m_up = gauge("monolith_supervisor_role_up", "1 while the role runs.", ["role"])
@@ -247,8 +248,10 @@ class Supervisor:
         stages: dict[int, list[str]] = {}
         for n in todo:
             stages.setdefault(START_ORDER[self.roles[n].spec.kind], []).append(n)
-        self.logs.start()
-        self.snapshots.start()
+        if not self._watching:
+            self._watching = True
+            self.logs.start()
+            self.snapshots.start()
         for _, stage in sorted(stages.items()):
             for n in stage:
                 self._spawn(n)
