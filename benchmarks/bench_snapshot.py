@@ -55,6 +55,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--window-s", type=float, default=20.0,
                    help="length of each with/without-snapshot window")
     p.add_argument("--windows", type=int, default=2, help="windows per mode")
+    p.add_argument("--full-every", type=int, default=8,
+                   help="SMP composes a full part after this many increments (0: never)")
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--m", type=int, default=3)
     p.add_argument("--workdir", default=None, help="for checkpoints (default: a temp dir)")
@@ -151,7 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["state_mb"] = state_bytes / (1 << 20)
     load = _Load(rows, args)
     work = args.workdir or tempfile.mkdtemp(prefix="monolith-bench-snapshot-")
-    cluster = LocalCluster(3, job="bench", k=args.k, m=args.m, keep=2, full_every=0,
+    cluster = LocalCluster(3, job="bench", k=args.k, m=args.m, keep=2,
+                           full_every=args.full_every, nice=10,
                            workdir=os.path.join(work, "cluster")).start()
     try:
         smps = smp_clients(cluster.smp_addresses, timeout_s=120.0)
@@ -173,7 +176,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     last = time.perf_counter()
             return steps / seconds, seals
 
-        # the first snapshot is full; then a warm-up increment so the leases are sized
+        # the first snapshot is full (into the segment the participant pre-leased at
+        # start); then a warm-up increment so the leases are sized
+        part.wait_shipped(600)
         man = coord.snapshot(now[0])
         out["full_stall_ms"] = 1e3 * part.last["stall_s"]
         full_bytes = man.parts["ps/0"].size
@@ -198,6 +203,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["overhead_pct"] = 100.0 * (1 - statistics.median(thr["snap"]) /
                                        statistics.median(thr["none"]))
         out["stall_ms"] = statistics.median(stalls)
+        out["stall_ms_max"] = max(stalls)
+        out["snapshots_in_windows"] = len(stalls)
         out["stall_ms_per_gb"] = out["stall_ms"] / (state_bytes / (1 << 30))
         out["incremental_bytes_ratio"] = statistics.median(inc_sizes) / full_bytes if inc_sizes else None
         part.wait_shipped(600)
@@ -211,8 +218,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["encode_mb_per_s"] = full_bytes / (1 << 20) / (time.perf_counter() - t)
         del blob
         # restores: free the live table first (a crashed PS has no table either)
+        coord.close()
         part.close()
-        del shard, part
+        del shard, part, coord, load
         gc.collect()
         state_gb = state_bytes / (1 << 30)
         for name, sources, local in (("restore_local_s", smps, 0),

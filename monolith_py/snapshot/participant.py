@@ -158,6 +158,11 @@ class PSParticipant:
     def _drop_lease_locked(self) -> None:
         if self._mapping is not None:
             self._mapping.close()
+        if self._lease is not None:
+            try:
+                self.smp.release(self.name, self._lease["segment"])
+            except MonolithError:  # the SMP restarted or is down: nothing to give back
+                pass
         self._mapping, self._lease = None, None
 
     # -- capture -----------------------------------------------------------------------------------
@@ -204,7 +209,7 @@ class PSParticipant:
             self._commit_copy(part)
         if kind == "inc":
             self._inc_sizes = (self._inc_sizes + [nbytes])[-4:]
-            nxt = int(1.5 * max(self._inc_sizes))
+            nxt = int(2.0 * max(self._inc_sizes))
         else:
             nxt = int(0.5 * nbytes)
         self._renew_lease(nxt)
@@ -237,6 +242,8 @@ class PSParticipant:
         finally:
             rec.close()
         self.capturer.forget()
+        self._inc_sizes = []
+        self._shipper.put("lease")  # the next part is full: lease for its size
         return restored
 
     # -- gRPC --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ JSON meta, crc32c checked) — no protobuf, no pickle:
 method        request meta (arrays)                       answer meta (arrays)
 ============  ==========================================  ===============================
 Lease         participant, nbytes                         segment, path, capacity, directory
+Release       participant, segment                        released
 Commit        participant, segment, nbytes                key
 PutPart       participant (data)                          key
 WaitPart      participant, snapshot_id, kind, timeout_s   record
@@ -63,7 +64,7 @@ log = logging.getLogger("monolith.snapshot.smp")
 
 SERVICE = "monolith.snapshot.v1.SMP"
 MAX_MESSAGE_BYTES = 64 << 20
-_CHUNK = 16 << 20
+_CHUNK = 32 << 20
 _LIMITS = WireLimits(max_header_bytes=4 << 20, max_arrays=1 << 16,
                      max_total_bytes=MAX_MESSAGE_BYTES, max_ndim=2)
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -118,7 +119,7 @@ class SMPServer:
         self.peers = GrpcPeers(peer_map) if peer_map else None
         self.store = SnapshotStore(config, self.peers, chain_reader=self._chain_reader)
         handlers = {
-            "Lease": self._lease, "Commit": self._commit, "PutPart": self._put_part,
+            "Lease": self._lease, "Release": self._release, "Commit": self._commit, "PutPart": self._put_part,
             "WaitPart": self._wait_part, "PutBlock": self._put_block,
             "GetBlock": self._get_block, "PartLocation": self._part_location,
             "ReadPart": self._read_part, "Seal": self._seal, "PutRecord": self._put_record,
@@ -198,6 +199,13 @@ class SMPServer:
     def _lease(self, a: Any, m: dict[str, Any]) -> bytes:
         return _frame(self.store.lease(check_participant(m.get("participant")),
                                        _int(m, "nbytes", 1)))
+
+    def _release(self, a: Any, m: dict[str, Any]) -> bytes:
+        seg = m.get("segment")
+        if not isinstance(seg, str):
+            raise InvalidInputError("'segment' must be a string")
+        return _frame({"released": self.store.release(check_participant(m.get("participant")),
+                                                      seg)})
 
     def _commit(self, a: Any, m: dict[str, Any]) -> bytes:
         seg = m.get("segment")
@@ -300,6 +308,10 @@ class SMPClient:
     def lease(self, participant: str, nbytes: int) -> dict[str, Any]:
         return self._call("Lease", _frame({"participant": participant, "nbytes": int(nbytes)}))[1]
 
+    def release(self, participant: str, segment: str) -> bool:
+        m = self._call("Release", _frame({"participant": participant, "segment": segment}))[1]
+        return bool(m.get("released"))
+
     def commit(self, participant: str, segment: str, nbytes: int) -> PartKey:
         m = self._call("Commit", _frame({"participant": participant, "segment": segment,
                                          "nbytes": int(nbytes)}))[1]
@@ -333,7 +345,7 @@ class SMPClient:
     def get_block(self, key: BlockKey, offset: int = 0, length: int | None = None) -> bytes | None:
         """The block (assembled from chunked reads), or ``None`` when not held there."""
         p, sid, kind, idx = key
-        out = bytearray()
+        parts: list[np.ndarray] = []
         off = offset
         while True:
             n = _CHUNK if length is None else min(_CHUNK, offset + length - off)
@@ -343,10 +355,18 @@ class SMPClient:
             if not m.get("found"):
                 return None
             data = a.get("data", np.zeros(0, np.uint8))
-            out += data.tobytes()
+            parts.append(data)
             off += data.shape[0]
             if data.shape[0] < n or (length is not None and off >= offset + length):
-                return bytes(out)
+                break
+        if len(parts) == 1:
+            return parts[0].tobytes()
+        out = bytearray(sum(d.shape[0] for d in parts))  # one copy, no regrowth
+        pos = 0
+        for d in parts:
+            out[pos: pos + d.shape[0]] = d.data
+            pos += d.shape[0]
+        return bytes(out)
 
     def part_location(self, key: PartKey) -> dict[str, Any] | None:
         p, sid, kind = key

@@ -58,6 +58,8 @@ __all__ = ["SMPConfig", "SnapshotStore", "Peers", "BlockKey", "block_frame", "de
 
 log = logging.getLogger("monolith.snapshot.store")
 
+_MAX_LEASES = 3  # per participant: one in flight, one current, one spare
+
 BlockKey = tuple[str, int, str, int]
 """``(participant, snapshot_id, kind, block index)``."""
 
@@ -225,10 +227,30 @@ class SnapshotStore:
         if not 0 < nbytes <= 1 << 40:
             raise InvalidInputError(f"lease size must be in (0, 2^40], got {nbytes}")
         seg = self.pool.create(nbytes)
+        stale: list[str] = []
         with self._mu:
             self._leases[seg.name] = participant
+            mine = [s for s, p in self._leases.items() if p == participant]
+            stale = mine[:-_MAX_LEASES]  # oldest first (dicts keep insertion order)
+            for s in stale:
+                del self._leases[s]
+        for s in stale:
+            old = self.pool.get(s)
+            if old is not None:
+                self.pool.release(old)
         return {"segment": seg.name, "path": seg.path, "capacity": seg.capacity,
                 "directory": self.pool.directory}
+
+    def release(self, participant: str, segment: str) -> bool:
+        """Give back a leased segment that will not be committed; False if unknown."""
+        with self._mu:
+            if self._leases.get(segment) != participant:
+                return False
+            del self._leases[segment]
+            seg = self.pool.get(segment)
+        if seg is not None:
+            self.pool.release(seg)
+        return True
 
     def commit(self, participant: str, segment: str, nbytes: int) -> PartKey:
         """Adopt the part ``participant`` wrote into leased ``segment``; starts coding."""

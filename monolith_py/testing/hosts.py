@@ -159,7 +159,7 @@ class LocalCluster:
                  keep: int = 2, full_every: int = 0, workdir: str | None = None,
                  smp_env: Mapping[str, str] | Callable[[int], Mapping[str, str]] | None = None,
                  start_timeout_s: float = 120.0,
-                 place_timeout_s: float = 10.0) -> None:
+                 place_timeout_s: float = 10.0, nice: int = 0) -> None:
         self.job = job
         self.k, self.m, self.keep, self.full_every = k, m, keep, full_every
         self._own = workdir is None
@@ -170,6 +170,7 @@ class LocalCluster:
         self.smp_env = smp_env if callable(smp_env) else dict(smp_env or {})
         self.start_timeout_s = start_timeout_s
         self.place_timeout_s = place_timeout_s
+        self.nice = int(nice)
         self.smp_ports = [free_port() for _ in range(num_hosts)]
         self.hosts = [LocalHost(h, self.workdir, os.path.join(self.shm_root, f"h{h}"))
                       for h in range(num_hosts)]
@@ -186,7 +187,7 @@ class LocalCluster:
                 "--host-id", str(host), "--port", str(self.smp_ports[host]),
                 "--peers", ",".join(self.smp_addresses), "--k", str(self.k), "--m", str(self.m),
                 "--keep", str(self.keep), "--full-every", str(self.full_every),
-                "--shm-dir", self.hosts[host].shm_dir, "--nice", "0",
+                "--shm-dir", self.hosts[host].shm_dir, "--nice", str(self.nice),
                 "--place-timeout-s", str(self.place_timeout_s),
                 "--ready-file", self._ready("smp", host)]
 
