@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load = _Load(rows, args)
     work = args.workdir or tempfile.mkdtemp(prefix="monolith-bench-snapshot-")
     cluster = LocalCluster(3, job="bench", k=args.k, m=args.m, keep=2,
-                           full_every=args.full_every, nice=10,
+                           full_every=args.full_every, nice=10, keep_free_mb=256,
                            workdir=os.path.join(work, "cluster")).start()
     try:
         smps = smp_clients(cluster.smp_addresses, timeout_s=120.0)
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      ("restore_ec_s", {1: smps[1], 2: smps[2]}, None)):
             fresh = PSShard(0, 1, [cfg])
             t = time.perf_counter()
-            rec = Recovery(sources, local, job="bench", decode_threads=1)
+            rec = Recovery(sources, local, job="bench", decode_threads=2)
             r = rec.restore("ps/0", newest.snapshot_id)
             fresh.load_state_dict(r.state)
             out[name] = time.perf_counter() - t

@@ -65,7 +65,9 @@ def register_smp(subparsers: Any) -> None:
     p.add_argument("--shm-dir", default=None,
                    help="segment directory (default /dev/shm/monolith-<job>-h<host>)")
     p.add_argument("--nice", type=int, default=10,
-                   help="lower CPU priority by this much (background work yields to training)")
+                   help="lower the CPU priority of the background threads (coding, placement, "
+                        "compaction) by this much, so they yield to training; the threads "
+                        "serving restores keep normal priority (default 10)")
     p.add_argument("--ready-file", default=None, help="write host:port here once serving")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here")
     p.set_defaults(func=_smp_main)
@@ -86,12 +88,7 @@ def _smp_main(args: argparse.Namespace) -> int:
     cfg = SMPConfig(job=args.job, host_id=args.host_id, num_hosts=n, k=args.k, m=args.m,
                     keep=args.keep, full_every=args.full_every, shm_dir=args.shm_dir,
                     place_timeout_s=args.place_timeout_s,
-                    keep_free_bytes=args.keep_free_mb << 20)
-    if args.nice:
-        try:
-            os.nice(int(args.nice))
-        except OSError:
-            pass
+                    keep_free_bytes=args.keep_free_mb << 20, background_nice=args.nice)
     server = SMPServer(cfg, args.port, args.host, peers=peers).start()
     if args.metrics_port is not None:
         from monolith_py.observe.metrics import serve_metrics

@@ -18,6 +18,7 @@ capture after a restore is full.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
@@ -64,6 +65,11 @@ class _Shipper:
         self._q.put(item)
 
     def _run(self) -> None:
+        try:  # background work (checksums, commits, leases) yields to training
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        except (OSError, AttributeError):
+            pass
         while True:
             item = self._q.get()
             if item is None:

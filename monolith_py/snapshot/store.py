@@ -79,6 +79,9 @@ class SMPConfig:
         chunk_bytes: block bytes per transfer message.
         place_timeout_s: how long a block transfer may retry an unavailable peer.
         keep_free_bytes: released segment bytes kept for reuse.
+        background_nice: CPU priority decrease of the threads doing background work
+            (erasure coding, placement, compaction), so they yield to training on a
+            shared host; the threads serving reads (restores) keep normal priority.
     """
 
     job: str = "monolith"
@@ -92,6 +95,7 @@ class SMPConfig:
     chunk_bytes: int = 8 << 20
     place_timeout_s: float = 60.0
     keep_free_bytes: int = 1 << 30
+    background_nice: int = 10
 
     def __post_init__(self) -> None:
         CodecConfig(self.k, self.m)
@@ -204,7 +208,8 @@ class SnapshotStore:
         self._pins: dict[Any, int] = {}
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._send = ThreadPoolExecutor(max_workers=max(1, config.m - 1),
-                                        thread_name_prefix="smp-send")
+                                        thread_name_prefix="smp-send",
+                                        initializer=self._lower_priority)
         self._closed = False
         self._repair_result: dict[str, int] | None = {}
         self._worker = threading.Thread(target=self._work, name="smp-worker", daemon=True)
@@ -332,7 +337,17 @@ class SnapshotStore:
 
     # -- erasure coding and placement (worker thread) -----------------------------------------
 
+    def _lower_priority(self) -> None:
+        """Lower this thread's CPU priority (Linux: nice is per thread)."""
+        if self.config.background_nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               os.getpriority(os.PRIO_PROCESS, 0) + self.config.background_nice)
+            except (OSError, AttributeError):
+                pass
+
     def _work(self) -> None:
+        self._lower_priority()
         while True:
             job = self._queue.get()
             if job is None:

@@ -159,7 +159,8 @@ class LocalCluster:
                  keep: int = 2, full_every: int = 0, workdir: str | None = None,
                  smp_env: Mapping[str, str] | Callable[[int], Mapping[str, str]] | None = None,
                  start_timeout_s: float = 120.0,
-                 place_timeout_s: float = 10.0, nice: int = 0) -> None:
+                 place_timeout_s: float = 10.0, nice: int = 0, keep_free_mb: int = 1024
+                 ) -> None:
         self.job = job
         self.k, self.m, self.keep, self.full_every = k, m, keep, full_every
         self._own = workdir is None
@@ -171,6 +172,7 @@ class LocalCluster:
         self.start_timeout_s = start_timeout_s
         self.place_timeout_s = place_timeout_s
         self.nice = int(nice)
+        self.keep_free_mb = int(keep_free_mb)
         self.smp_ports = [free_port() for _ in range(num_hosts)]
         self.hosts = [LocalHost(h, self.workdir, os.path.join(self.shm_root, f"h{h}"))
                       for h in range(num_hosts)]
@@ -187,7 +189,7 @@ class LocalCluster:
                 "--host-id", str(host), "--port", str(self.smp_ports[host]),
                 "--peers", ",".join(self.smp_addresses), "--k", str(self.k), "--m", str(self.m),
                 "--keep", str(self.keep), "--full-every", str(self.full_every),
-                "--shm-dir", self.hosts[host].shm_dir, "--nice", str(self.nice),
+                "--shm-dir", self.hosts[host].shm_dir, "--nice", str(self.nice), "--keep-free-mb", str(self.keep_free_mb),
                 "--place-timeout-s", str(self.place_timeout_s),
                 "--ready-file", self._ready("smp", host)]
 
