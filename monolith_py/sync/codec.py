@@ -290,7 +290,8 @@ def _cat(parts: list[np.ndarray] | None, dtype: Any, empty_shape: tuple[int, ...
     if not parts:
         return np.zeros(empty_shape, dtype=dtype)
     if any(p.dtype != np.dtype(dtype) for p in parts):
-        raise _bad(f"array parts must all be {np.dtype(dtype)}, got {[str(p.dtype) for p in parts]}")
+        got = [str(p.dtype) for p in parts]
+        raise _bad(f"array parts must all be {np.dtype(dtype)}, got {got}")
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -325,7 +326,8 @@ def encode_heartbeat(shard: int, position: ShardPosition) -> bytes:
                                    **position.to_dict()})
 
 
-def decode_message(buf: bytes, assembler: DeltaAssembler) -> ShardDelta | DenseUpdate | Heartbeat | None:
+def decode_message(buf: bytes, assembler: DeltaAssembler
+                   ) -> ShardDelta | DenseUpdate | Heartbeat | None:
     """Decode one stream frame: a complete delta, a dense update, a heartbeat, or None
     (a delta part that is not the last)."""
     arrays, meta = _decode(buf)

@@ -114,7 +114,8 @@ class ShardSubscriber:
                               "Sync stream errors (connection lost, bad message).",
                               ["shard", "kind"])
         self._m_resub = counter("monolith_serving_sync_resubscribes_total",
-                                "Resubscriptions after a refused delta.", ["shard"]).labels(**labels)
+                                "Resubscriptions after a refused delta.",
+                                ["shard"]).labels(**labels)
 
     def start(self) -> ShardSubscriber:
         self._thread = threading.Thread(target=self._run, name=f"sync-sub-{self.shard}",
