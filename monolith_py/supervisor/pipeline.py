@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -66,7 +67,9 @@ class PipelineConfig:
         snapshot_every_s: seconds between snapshots (one trainer).
         snapshot_every_steps: rounds between snapshots (several trainers).
         checkpoint_every: a universal checkpoint every N sealed snapshots (0: never).
-        window_s: the joiner's window (event time).
+        window_s: the joiner's window in event-time seconds (``None``: 3600 for MovieLens,
+            whose actions come with their impressions; 120 for the generator, whose clicks
+            come 20 event-seconds later on average).
         job: job and topic prefix.
         sync_interval_s: serving sync period.
         ps_deadline_s: how long a trainer waits for a PS shard before failing.
@@ -86,7 +89,7 @@ class PipelineConfig:
     snapshot_every_s: float = 5.0
     snapshot_every_steps: int = 20
     checkpoint_every: int = 10
-    window_s: int = 3600
+    window_s: int | None = None
     job: str = "up"
     sync_interval_s: float = 1.0
     ps_deadline_s: float = 15.0
@@ -114,6 +117,27 @@ class PipelineConfig:
         if self.source == "movielens":
             return MOVIELENS_FEATURES
         return tuple(f"f{i}" for i in range(len(_GENERATOR_CARDS)))
+
+    @property
+    def time_scale(self) -> float:
+        """Event-time seconds per wall second of the produced stream. MovieLens is paced by
+        count (22 years in about a minute); the generator runs 100x faster than real time."""
+        rate = self.produce_rate or 10_000.0
+        if self.source == "movielens":
+            return MOVIELENS_SPAN_S * rate / float(self.examples or 100_836)
+        return 100.0
+
+    @property
+    def joiner_window_s(self) -> int:
+        if self.window_s is not None:
+            return self.window_s
+        return 3600 if self.source == "movielens" else 120
+
+    @property
+    def joiner_lateness_s(self) -> int:
+        """The joiner's watermark trails by 3 wall seconds of event time: the two input
+        topics are read a poll apart, and an impression behind the watermark is dropped."""
+        return int(math.ceil(3.0 * self.time_scale))
 
     @property
     def total_examples(self) -> int | None:
@@ -214,7 +238,8 @@ def build_pipeline(config: PipelineConfig, run_dir: str, *, bootstrap: str | Non
         *cli, "joiner", "--bootstrap-servers", bootstrap,
         "--impressions-topic", topics["impressions"], "--actions-topic", topics["actions"],
         "--output-topic", topics["examples"], "--partitions", str(examples_parts),
-        "--window-s", str(c.window_s), "--state-file", joiner_state,
+        "--window-s", str(c.joiner_window_s), "--lateness-s", str(c.joiner_lateness_s),
+        "--state-file", joiner_state,
         "--checkpoint-every-s", "2", "--metrics-port", mp), host=side, metrics_url=url))
     serve_port = port()
     serve_url = f"http://127.0.0.1:{serve_port}"
@@ -260,6 +285,7 @@ def _producer(c: PipelineConfig, cli: tuple[str, ...], bootstrap: str,
                 "--topic", topics["impressions"], "--actions-topic", topics["actions"],
                 "--partitions", "2", "--examples", str(c.total_examples),
                 "--batch-size", "256", "--cardinalities", ",".join(map(str, _GENERATOR_CARDS)),
-                "--click-delay-s", "30", "--rate", str(c.produce_rate), "--seed", str(c.seed)]
+                "--click-delay-s", "20", "--rate", str(c.produce_rate), "--seed", str(c.seed),
+                "--events-per-s", str(max(1.0, (c.produce_rate or 10_000.0) / c.time_scale))]
     return RoleSpec("producer", "producer", tuple(argv), heartbeat=False, restart="never",
                     finite=True, chaos=False)

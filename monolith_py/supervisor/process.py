@@ -30,8 +30,8 @@ from monolith_py.errors import UnavailableError
 __all__ = ["ProcessGroup", "terminate", "wait_file", "KEEPER_SOURCE"]
 
 KEEPER_SOURCE = (
-    "import os, signal, time\n"
-    "parent = os.getppid()\n"
+    "import os, signal, sys, time\n"
+    "parent = int(sys.argv[1])\n"  # not getppid(): the parent may be gone before we run
     "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
     "while os.getppid() == parent:\n"
     "    time.sleep(0.5)\n"
@@ -57,7 +57,7 @@ class ProcessGroup:
     def _ensure_keeper(self) -> int:
         if self.keeper is None or self.keeper.poll() is not None:
             self.keeper = subprocess.Popen(
-                [sys.executable, "-S", "-c", KEEPER_SOURCE], process_group=0,
+                [sys.executable, "-S", "-c", KEEPER_SOURCE, str(os.getpid())], process_group=0,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self.keeper.pid
 

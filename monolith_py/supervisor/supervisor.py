@@ -548,6 +548,8 @@ class Supervisor:
             return False
         if any(st.status in ("starting", "dead", "restarting") for st in self.roles.values()):
             return False
+        if not self.config.smp_group:
+            return True
         newest = self.snapshots.newest()
         return newest is not None and newest["id"] > self._snap_at_recovery
 
