@@ -38,8 +38,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q tests/unit
 
+# The whole pipeline on this machine (broker, MovieLens replay, joiner, 2 PS shards, SMPs
+# on 3 simulated hosts, trainer, serving) under the supervisor; a few minutes on 2 cores.
 demo: setup
-	$(PY) examples/table_basics.py
+	$(VENV)/bin/monolith up
 
 lint: setup
 	$(PY) -m mypy
