@@ -147,6 +147,8 @@ class TrainersSection:
         evict_interval_s: event-time seconds between evictions (0: never).
         metrics_window: examples in the windowed metrics.
         seed: dense initialization seed (identical on every trainer).
+        dense_sync_interval_s: seconds between publications of the dense weights to
+            serving (rank 0, through PS shard 0's sync service; 0: never).
     """
 
     world_size: int = 1
@@ -157,6 +159,7 @@ class TrainersSection:
     evict_interval_s: int = 30 * 86400
     metrics_window: int = 5000
     seed: int = 0
+    dense_sync_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         w = _typed("trainers.world_size", self.world_size, int, "a positive int")
@@ -177,6 +180,9 @@ class TrainersSection:
             raise ConfigError("trainers.metrics_window must be >= 1")
         if _typed("trainers.seed", self.seed, int, "an int") < 0:
             raise ConfigError("trainers.seed must be >= 0")
+        if _typed("trainers.dense_sync_interval_s", self.dense_sync_interval_s, (int, float),
+                  "a number") < 0:
+            raise ConfigError("trainers.dense_sync_interval_s must be >= 0 (0: never)")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from monolith_py.batch import Batch
     from monolith_py.jobconfig import JobConfig
 
-__all__ = ["build_model", "run_trainer", "kafka_batches", "add_arguments", "main"]
+__all__ = ["build_model", "model_spec", "run_trainer", "kafka_batches", "add_arguments", "main"]
 
 log = logging.getLogger("monolith.trainer")
 
@@ -49,12 +49,10 @@ _IDLE_WAIT_S = 0.25  # a trainer without a batch this long joins the round witho
 _END = object()
 
 
-def build_model(job: JobConfig, num_dense: int, backend: Any) -> tuple[Any, Any]:
-    """``(model, dense optimizer)``: a DLRM over the job's tables (rows in ``backend``),
-    seeded with ``trainers.seed`` so every trainer starts from the same weights."""
-    import torch
-
-    from monolith_py.modules import DLRM, DynamicEmbeddingBagCollection
+def model_spec(job: JobConfig, num_dense: int) -> Any:
+    """The :class:`~monolith_py.modules.spec.ModelSpec` of the job's model: a DLRM over the
+    job's tables. Serving builds the same model from it (dense sync)."""
+    from monolith_py.modules.spec import ModelSpec
 
     tables = job.require_tables()
     dims = {t.dim for t in tables}
@@ -62,11 +60,18 @@ def build_model(job: JobConfig, num_dense: int, backend: Any) -> tuple[Any, Any]
     if m.interaction == "dot" and len(dims) != 1:
         raise ConfigError(f"model.interaction 'dot' needs one dim for every table, got "
                           f"{sorted(dims)}; use interaction = \"cat\"")
-    torch.manual_seed(job.trainers.seed)
-    ebc = DynamicEmbeddingBagCollection(list(tables), backend=backend)
     bottom = (*m.bottom_mlp, max(dims)) if num_dense else ()
-    model = DLRM(ebc, num_dense=num_dense, bottom_mlp=bottom, top_mlp=m.top_mlp,
-                 interaction=m.interaction)
+    return ModelSpec.dlrm(tables, num_dense, bottom, m.top_mlp, m.interaction)
+
+
+def build_model(job: JobConfig, num_dense: int, backend: Any) -> tuple[Any, Any]:
+    """``(model, dense optimizer)``: the job's model (:func:`model_spec`) with rows in
+    ``backend``, seeded with ``trainers.seed`` so every trainer starts from the same
+    weights."""
+    import torch
+
+    model = model_spec(job, num_dense).build(backend, seed=job.trainers.seed)
+    m = job.model
     cls = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam,
            "sgd": torch.optim.SGD}[m.dense_optimizer]
     return model, cls(model.parameters(), lr=m.dense_lr)
@@ -259,6 +264,7 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
             metrics_window=job.trainers.metrics_window))
         if snaps is not None:
             snaps.restore_finish(trainer)
+        dense_pusher = _dense_pusher(job, rank, agreed, model)
         done = 0
         pending = first
         exhausted = first is None
@@ -300,6 +306,8 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
                 snaps.after_step(batch, result)
                 snaps.at_boundary(dp.rounds if dp is not None else done, trainer,
                                   feed.last_offsets, client.flush if client is not None else None)
+            if dense_pusher is not None:
+                dense_pusher.maybe_push()
             if progress is not None and done % progress_every == 0:
                 progress(trainer.metrics())
             if time.monotonic() - exported >= 1.0:
@@ -307,6 +315,8 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
                 export_training(trainer.metrics(tables=False), hb.role)
         if client is not None:
             client.flush()
+        if dense_pusher is not None:
+            dense_pusher.push()  # serving gets the final dense weights
         final = trainer.metrics()
         export_training(final, hb.role)
         final.update(_global_metrics(trainer, world))
@@ -332,6 +342,19 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
+
+
+def _dense_pusher(job: JobConfig, rank: int, num_dense: int, model: Any) -> Any:
+    """Rank 0 publishes the dense weights to PS shard 0's sync service (serving workers
+    take them from there); ``None`` without PS shards or with the interval at 0."""
+    interval = job.trainers.dense_sync_interval_s
+    if rank != 0 or not job.ps.addresses or interval <= 0:
+        return None
+    from monolith_py.sync.dense import DensePusher
+    from monolith_py.sync.service import SyncClient
+
+    return DensePusher(SyncClient(job.ps.addresses[0]), model_spec(job, num_dense).to_dict(),
+                       model, interval_s=interval)
 
 
 def _finish_on_sigusr1(source: Any) -> None:

@@ -62,6 +62,8 @@ def register(subparsers: Any) -> None:
                    help="once serving, write host:port to this file (for scripts and tests)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port")
+    p.add_argument("--max-sync-streams", type=int, default=16,
+                   help="serving workers that may follow this shard at once")
     add_job_arguments(p)
     from monolith_py.snapshot.cli import add_ps_snapshot_arguments
 
@@ -102,8 +104,18 @@ def _main(args: argparse.Namespace) -> int:
     from monolith_py.snapshot.cli import ps_snapshot_handlers
 
     snapshot_handlers = ps_snapshot_handlers(shard, args)  # restores first when asked
+    # train -> serve sync on the same port: serving workers subscribe to this shard's
+    # deltas; shard 0 also holds the dense board the trainer (rank 0) publishes to.
+    from monolith_py.sync.publisher import DenseBoard, ShardPublisher
+    from monolith_py.sync.service import SyncService
+
+    sync = SyncService(ShardPublisher.for_ps_shard(shard),
+                       DenseBoard() if args.shard == 0 else None,
+                       max_subscribers=args.max_sync_streams)
+    # each open sync stream holds a handler thread: leave room for serving workers
     server = PSServer(shard, port, host, max_message_bytes=job.ps.max_message_bytes,
-                      extra_handlers=snapshot_handlers).start()
+                      max_workers=4 + args.max_sync_streams,
+                      extra_handlers=[*snapshot_handlers, sync.handler()]).start()
     if args.metrics_port is not None:
         from monolith_py.observe.metrics import serve_metrics
 
