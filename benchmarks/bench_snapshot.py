@@ -12,13 +12,13 @@ participant writes into its host's SMP.
 
 Reported:
 
-* ``stall_ms``: median time the shard lock is held by an incremental capture taken every
-  ``--interval-s`` seconds (training is blocked only for that); ``stall_ms_per_gb``;
-  ``full_stall_ms``: the first (full) capture.
+* ``stall_ms``: median time the shard lock is held by an incremental capture taken
+  ``--interval-s`` seconds after the previous one (training is blocked only for that);
+  ``stall_ms_per_gb``; ``full_stall_ms``: the first (full) capture.
 * ``overhead_pct``: training throughput lost with a snapshot every ``--interval-s`` vs
   none; the two modes alternate in windows of ``--window-s`` (medians of the windows).
 * ``incremental_bytes_ratio``: increment part size after ``--interval-s`` of training /
-  full part size.
+  full part size (the same steady-state snapshots as ``stall_ms``).
 * ``encode_mb_per_s``: zfec encode (k=2, m=3, one thread) of the full part.
 * ``restore_local_s``: rebuild the newest snapshot (its full part and increments, mapped
   from the local SMP) and load it into a new shard; ``restore_ec_s``: the same with the
@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-dense", dest="dense", action="store_false",
                    help="sparse steps only (no dense compute per step)")
     p.add_argument("--interval-s", type=float, default=10.0, help="seconds between snapshots")
-    p.add_argument("--window-s", type=float, default=20.0,
+    p.add_argument("--window-s", type=float, default=30.0,
                    help="length of each with/without-snapshot window")
     p.add_argument("--windows", type=int, default=2, help="windows per mode")
     p.add_argument("--full-every", type=int, default=8,
@@ -163,18 +163,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     hosts=cluster.smp_addresses)
         now = [1000]
 
-        def train(seconds: float, snapshot_every: float | None) -> tuple[float, list[Any]]:
+        def train(seconds: float, snapshot_every: float | None
+                  ) -> tuple[float, list[tuple[Any, float, float]]]:
             steps, t_end = 0, time.perf_counter() + seconds
             last = time.perf_counter()
-            seals = []
+            seals = []  # (future, stall s, seconds since the previous snapshot)
             while time.perf_counter() < t_end:
                 load.step(shard, now[0])
                 now[0] += 1
                 steps += 1
                 if snapshot_every is not None and time.perf_counter() - last >= snapshot_every:
-                    seals.append(coord.snapshot(now[0], background=True))
-                    last = time.perf_counter()
+                    f = coord.snapshot(now[0], background=True)
+                    t = time.perf_counter()
+                    seals.append((f, part.last["stall_s"], t - last_snap[0]))
+                    last = last_snap[0] = t
             return steps / seconds, seals
+
+        last_snap = [time.perf_counter()]
 
         # the first snapshot is full (into the segment the participant pre-leased at
         # start); then a warm-up increment so the leases are sized
@@ -186,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         part.wait_shipped(600)
         train(args.interval_s, None)
         coord.snapshot(now[0])
+        last_snap[0] = time.perf_counter()
         part.wait_shipped(600)
         # alternate windows without / with a snapshot every interval
         thr = {"none": [], "snap": []}
@@ -194,10 +200,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             thr["none"].append(train(args.window_s, None)[0])
             t, seals = train(args.window_s, args.interval_s)
             thr["snap"].append(t)
-            for f in seals:
+            for f, stall, gap in seals:
                 m = f.result(timeout=600)
-                inc_sizes.append(m.parts["ps/0"].size)
-            stalls += [1e3 * s for s in part.stalls[-len(seals):]] if seals else []
+                if gap < 1.5 * args.interval_s:  # steady state: the previous one was 1 interval ago
+                    inc_sizes.append(m.parts["ps/0"].size)
+                    stalls.append(1e3 * stall)
         out["steps_per_s_none"] = statistics.median(thr["none"])
         out["steps_per_s_snapshot"] = statistics.median(thr["snap"])
         out["overhead_pct"] = 100.0 * (1 - statistics.median(thr["snap"]) /

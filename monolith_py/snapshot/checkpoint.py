@@ -239,7 +239,7 @@ def _write_frame_file(path: str, arrays: Mapping[str, Any], meta: Mapping[str, A
         off = plan.offsets[k]
         if off > pos:
             pieces.append(bytes(off - pos))
-        pieces.append(memoryview(a.reshape(-1).view(np.uint8)))
+        pieces.append(a.reshape(-1).view(np.uint8).data)
         pos = off + a.nbytes
     payload_crc = 0
     for piece in pieces:

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from monolith_py.errors import CorruptDataError, DecodeError
+from monolith_py.errors import DecodeError
 from monolith_py.snapshot import _gather
 from monolith_py.wire import FramePlan, decode_arrays, plan_frame
 
@@ -61,7 +61,6 @@ __all__ = ["PS_PART_FORMAT", "CapturedPart", "ShardCapturer", "DecodedPart", "Ta
            "decode_part", "shard_state", "apply_increment", "compose", "encode_shard_state"]
 
 PS_PART_FORMAT = "monolith.ps_part/1"
-_SHARD_FORMAT = "monolith.ps_shard.v1"
 _COUNTERS = ("admitted", "filtered", "evicted", "erased")
 
 

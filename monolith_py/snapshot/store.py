@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import crc32c
-import numpy as np
 import zfec
 
 from monolith_py.errors import (
@@ -49,10 +48,13 @@ from monolith_py.errors import (
 )
 from monolith_py.observe.metrics import counter, gauge, histogram
 from monolith_py.snapshot.codec import CodecConfig, block_size, data_block
+from monolith_py.snapshot.blocks import BlockKey, block_frame, decode_block_frame
+from monolith_py.snapshot.maintenance import compact, local_chain, repair
 from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
+from monolith_py.snapshot.retention import chain_length, needed_parts
 from monolith_py.snapshot.shm import Segment, SegmentPool, default_shm_root
 from monolith_py.testing.faults import fault_point
-from monolith_py.wire import decode_arrays, encode_arrays
+from monolith_py.wire import decode_arrays
 
 __all__ = ["SMPConfig", "SnapshotStore", "Peers", "BlockKey", "block_frame", "decode_block_frame"]
 
@@ -60,8 +62,6 @@ log = logging.getLogger("monolith.snapshot.store")
 
 _MAX_LEASES = 3  # per participant: one in flight, one current, one spare
 
-BlockKey = tuple[str, int, str, int]
-"""``(participant, snapshot_id, kind, block index)``."""
 
 
 @dataclass(frozen=True)
@@ -129,36 +129,6 @@ class Peers(Protocol):
 
     def get_block(self, host: int, key: BlockKey) -> bytes | None:
         """Read a stored block (``None``: not there)."""
-
-
-def block_frame(key: BlockKey, offset: int, data: Any, *, block_bytes: int, part_size: int,
-                final: bool, block_crc: int) -> bytes:
-    """One chunk of a block as a wire frame (the payload crc covers the chunk)."""
-    p, sid, kind, idx = key
-    return encode_arrays({"data": np.frombuffer(data, dtype=np.uint8)},
-                         {"participant": p, "snapshot_id": sid, "kind": kind, "index": idx,
-                          "offset": offset, "block_bytes": block_bytes, "part_size": part_size,
-                          "final": final, "block_crc": block_crc})
-
-
-def decode_block_frame(buf: Any) -> tuple[BlockKey, dict[str, Any], np.ndarray]:
-    """Validate a chunk frame: ``(key, meta, data)``; raises :class:`DecodeError`."""
-    arrays, meta = decode_arrays(buf, require_checksum=True)
-    data = arrays.get("data")
-    if set(arrays) != {"data"} or data is None or data.dtype != np.uint8 or data.ndim != 1:
-        raise DecodeError("bad block chunk: expected one uint8 array 'data'")
-    try:
-        key = (check_participant(meta["participant"]), int(meta["snapshot_id"]),
-               str(meta["kind"]), int(meta["index"]))
-        ints = [int(meta[f]) for f in ("offset", "block_bytes", "part_size", "block_crc")]
-    except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
-        raise DecodeError(f"bad block chunk metadata: {exc}") from exc
-    if key[2] not in ("full", "inc") or key[1] < 0 or not 0 <= key[3] < 256:
-        raise DecodeError(f"bad block chunk key {key}")
-    off, bb, _, _ = ints
-    if off < 0 or bb < 1 or off + data.shape[0] > bb:
-        raise DecodeError(f"chunk [{off}, +{data.shape[0]}) outside a {bb}-byte block")
-    return key, meta, data
 
 
 @dataclass
@@ -556,40 +526,12 @@ class SnapshotStore:
     # -- retention -------------------------------------------------------------------------------
 
     def _needed(self) -> tuple[set[PartKey], set[int], int]:
-        sealed = sorted(self._manifests)
-        if not sealed:
-            return set(), set(), -1
-        keys: set[PartKey] = set()
-        mans: set[int] = set()
+        return needed_parts({sid: m for sid, (m, _) in self._manifests.items()},
+                            self._records, self.config.keep)
 
-        def resolve(p: str, sid: int, depth: int, own_chain: bool = False) -> None:
-            if depth > 10_000:
-                return
-            if (p, sid, "full") in self._records and not own_chain:
-                keys.add((p, sid, "full"))
-                return
-            entry = self._manifests.get(sid)
-            if entry is None:
-                return
-            mans.add(sid)
-            rec = entry[0].parts.get(p)
-            if rec is None:
-                return
-            keys.add(rec.key)
-            if rec.kind == "inc":
-                resolve(p, rec.base_id, depth + 1)
-
-        for sid in sealed[-self.config.keep:]:
-            mans.add(sid)
-            for p in self._manifests[sid][0].parts:
-                keys.add((p, sid, "full"))  # a compaction may be on its way
-                resolve(p, sid, 0)
-                if sid == sealed[-1]:
-                    # the newest snapshot also keeps the part its manifest names until the
-                    # next seal: a reader holding a catalog from before a compaction record
-                    # arrived can still read it
-                    resolve(p, sid, 0, own_chain=True)
-        return keys, mans, sealed[-1]
+    def _chain_length(self, man: Manifest, p: str) -> int:
+        return chain_length({sid: m for sid, (m, _) in self._manifests.items()},
+                            self._records, man.snapshot_id, p)
 
     def _collect(self) -> None:
         """Free what no retained snapshot needs (data of newer, in-flight ids is kept)."""
@@ -617,18 +559,6 @@ class SnapshotStore:
 
     # -- compaction --------------------------------------------------------------------------------
 
-    def _chain_length(self, man: Manifest, p: str) -> int:
-        n, sid = 0, man.snapshot_id
-        while True:
-            if (p, sid, "full") in self._records:
-                return n
-            entry = self._manifests.get(sid)
-            rec = entry[0].parts.get(p) if entry is not None else None
-            if rec is None or rec.kind == "full":
-                return n
-            n += 1
-            sid = rec.base_id
-
     def _maybe_compact(self, man: Manifest) -> None:
         every = self.config.full_every
         if not every or self.peers is None and self.config.m > 1:
@@ -641,137 +571,17 @@ class SnapshotStore:
             self._queue.put(functools.partial(self._compact, man, p))
 
     def _compact(self, man: Manifest, p: str) -> None:
-        from monolith_py.snapshot.compose import compose
-        from monolith_py.snapshot.pspart import decode_part, encode_shard_state
-
-        sid = man.snapshot_id
-        key: PartKey = (p, sid, "full")
-        with self._mu:
-            if key in self._records or sid not in self._manifests:
-                return
-        t0 = time.perf_counter()
-        try:
-            chain = self._local_chain(man, p)
-            if chain is None:
-                if self.chain_reader is None:
-                    log.info("SMP %d: %s chain of snapshot %d not all local; compaction skipped",
-                             self.config.host_id, p, sid)
-                    return
-                state = self.chain_reader(man, p)
-            else:
-                state = compose([decode_part(f) for f in chain])
-            fault_point("smp.compact")
-            segs: list[Segment] = []
-
-            def alloc(n: int) -> memoryview:
-                segs.append(self.pool.create(n))
-                return segs[-1].view
-
-            frame = encode_shard_state(state, sid, man.step, alloc=alloc,
-                                       extra_meta={"participant": p, "composed": True})
-            del state
-            blob = _Blob(segs[0], frame.nbytes)
-            with self._mu:
-                old = self._parts.pop(key, None)
-                self._parts[key] = blob
-            if old is not None:
-                self.pool.release(old.seg)
-            with self._pinned(key):
-                record = self._encode_and_place(key, blob.view, -1)
-            for host in range(self.config.num_hosts):
-                if host == self.config.host_id:
-                    continue
-                assert self.peers is not None
-                self.peers.put_record(host, record)
-            self.put_record(record)
-            self._m_compactions.inc()
-            log.info("SMP %d: composed a full part of %s at snapshot %d (%d bytes, %.2f s)",
-                     self.config.host_id, p, sid, frame.nbytes, time.perf_counter() - t0)
-        except Exception as exc:
-            log.warning("SMP %d: compaction of %s at %d failed: %s: %s", self.config.host_id,
-                        p, sid, type(exc).__name__, exc)
+        compact(self, man, p)
 
     def _local_chain(self, man: Manifest, p: str) -> list[memoryview] | None:
-        """Frames base-first, all from local home parts (checked), or ``None``."""
-        frames: list[memoryview] = []
-        sid = man.snapshot_id
-        with self._mu:
-            while True:
-                rec = None
-                if (p, sid, "full") in self._records:
-                    rec = self._records[(p, sid, "full")]
-                else:
-                    entry = self._manifests.get(sid)
-                    rec = entry[0].parts.get(p) if entry is not None else None
-                if rec is None:
-                    return None
-                blob = self._parts.get(rec.key)
-                if blob is None or blob.size != rec.size or crc32c.crc32c(blob.view) != rec.crc:
-                    return None
-                frames.append(blob.view)
-                if rec.kind == "full":
-                    return frames[::-1]
-                sid = rec.base_id
+        return local_chain(self, man, p)
 
     # -- repair after a restart -----------------------------------------------------------------------
 
     def repair(self, sources: dict[int, Any]) -> dict[str, int]:
-        """Re-protect this host's share after a restart: learn the sealed catalog from the
-        peers (``sources``: ``{host: PartSource}``), then rebuild (erasure decode from
-        peers) every whole part this host is home of and every block placed here that
-        the retained snapshots need. Runs on the worker thread (see :meth:`start_repair`)."""
-        from monolith_py.snapshot.codec import encode_parity
-        from monolith_py.snapshot.recovery import Recovery
-
-        me = self.config.host_id
-        rec = Recovery({**sources, me: self}, me, job=self.config.job)
-        cat = rec.catalog()
-        with self._mu:
-            for sid, man in cat.manifests.items():
-                self._manifests.setdefault(sid, (man, man.encode()))
-            for k, r in cat.records.items():
-                self._records.setdefault(k, r)
-        self._collect()
-        with self._mu:
-            keys, _, _ = self._needed()
-            records = {r.key: r for _, (m, _) in self._manifests.items() for r in m.parts.values()}
-            records.update(self._records)
-        done = {"parts": 0, "blocks": 0, "failed": 0}
-        for key in sorted(keys, key=lambda k: (k[1], k[0], k[2])):
-            found = records.get(key)
-            if found is None or me not in found.placement:
-                continue
-            r = found
-            idx = r.placement.index(me)
-            with self._mu:
-                have = key in self._parts if idx == 0 else (*key, idx) in self._blocks
-            if have:
-                continue
-            try:
-                data = rec.part_bytes(r)
-                if idx == 0:
-                    seg = self.pool.create(r.size)
-                    seg.view[: r.size] = data
-                    with self._mu:
-                        self._parts.setdefault(key, _Blob(seg, r.size))
-                    done["parts"] += 1
-                    continue
-                blk = data_block(data, idx, r.k) if idx < r.k else \
-                    encode_parity(data, r.k, r.m)[idx - r.k]
-                if crc32c.crc32c(blk) != r.block_crcs[idx]:
-                    raise CorruptDataError(f"rebuilt block {idx} of {key} fails its crc")
-                seg = self.pool.create(len(blk))
-                seg.view[: len(blk)] = blk
-                with self._mu:
-                    self._blocks.setdefault((*key, idx), _Blob(seg, len(blk)))
-                done["blocks"] += 1
-            except Exception as exc:
-                done["failed"] += 1
-                log.warning("SMP %d: cannot rebuild %s: %s: %s", me, key, type(exc).__name__, exc)
-        rec.close()
-        self._repair_result = done
-        log.info("SMP %d repaired after restart: %s", me, done)
-        return done
+        """Re-protect this host's share after a restart (see
+        :func:`~monolith_py.snapshot.maintenance.repair`)."""
+        return repair(self, sources)
 
     def start_repair(self, sources: dict[int, Any]) -> None:
         """Queue :meth:`repair` on the worker thread."""

@@ -1,0 +1,164 @@
+"""SMP background maintenance: compaction (full parts composed from increments) and repair
+(a restarted SMP rebuilding its share from its peers). Both run on the store's worker
+thread; they use the store's internals, so they live next to it (private to the package).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import crc32c
+
+from monolith_py.errors import CorruptDataError
+from monolith_py.snapshot.codec import data_block
+from monolith_py.snapshot.manifest import Manifest, PartKey
+from monolith_py.snapshot.shm import Segment
+from monolith_py.testing.faults import fault_point
+
+if TYPE_CHECKING:
+    from monolith_py.snapshot.store import SnapshotStore
+
+__all__ = ["compact", "local_chain", "repair"]
+
+log = logging.getLogger("monolith.snapshot.store")
+
+
+def compact(self: SnapshotStore, man: Manifest, p: str) -> None:
+    """Compose ``p``'s chain at sealed snapshot ``man`` into a full part, erasure-code and
+    place it, and broadcast its record (on the store's worker thread)."""
+    from monolith_py.snapshot.store import _Blob
+
+    from monolith_py.snapshot.compose import compose
+    from monolith_py.snapshot.pspart import decode_part, encode_shard_state
+
+    sid = man.snapshot_id
+    key: PartKey = (p, sid, "full")
+    with self._mu:
+        if key in self._records or sid not in self._manifests:
+            return
+    t0 = time.perf_counter()
+    try:
+        chain = self._local_chain(man, p)
+        if chain is None:
+            if self.chain_reader is None:
+                log.info("SMP %d: %s chain of snapshot %d not all local; compaction skipped",
+                         self.config.host_id, p, sid)
+                return
+            state = self.chain_reader(man, p)
+        else:
+            state = compose([decode_part(f) for f in chain])
+        fault_point("smp.compact")
+        segs: list[Segment] = []
+
+        def alloc(n: int) -> memoryview:
+            segs.append(self.pool.create(n))
+            return segs[-1].view
+
+        frame = encode_shard_state(state, sid, man.step, alloc=alloc,
+                                   extra_meta={"participant": p, "composed": True})
+        del state
+        blob = _Blob(segs[0], frame.nbytes)
+        with self._mu:
+            old = self._parts.pop(key, None)
+            self._parts[key] = blob
+        if old is not None:
+            self.pool.release(old.seg)
+        with self._pinned(key):
+            record = self._encode_and_place(key, blob.view, -1)
+        for host in range(self.config.num_hosts):
+            if host == self.config.host_id:
+                continue
+            assert self.peers is not None
+            self.peers.put_record(host, record)
+        self.put_record(record)
+        self._m_compactions.inc()
+        log.info("SMP %d: composed a full part of %s at snapshot %d (%d bytes, %.2f s)",
+                 self.config.host_id, p, sid, frame.nbytes, time.perf_counter() - t0)
+    except Exception as exc:
+        log.warning("SMP %d: compaction of %s at %d failed: %s: %s", self.config.host_id,
+                    p, sid, type(exc).__name__, exc)
+
+def local_chain(self: SnapshotStore, man: Manifest, p: str) -> list[memoryview] | None:
+    """Frames base-first, all from local home parts (checked), or ``None``."""
+    frames: list[memoryview] = []
+    sid = man.snapshot_id
+    with self._mu:
+        while True:
+            rec = None
+            if (p, sid, "full") in self._records:
+                rec = self._records[(p, sid, "full")]
+            else:
+                entry = self._manifests.get(sid)
+                rec = entry[0].parts.get(p) if entry is not None else None
+            if rec is None:
+                return None
+            blob = self._parts.get(rec.key)
+            if blob is None or blob.size != rec.size or crc32c.crc32c(blob.view) != rec.crc:
+                return None
+            frames.append(blob.view)
+            if rec.kind == "full":
+                return frames[::-1]
+            sid = rec.base_id
+
+
+def repair(self: SnapshotStore, sources: dict[int, Any]) -> dict[str, int]:
+    from monolith_py.snapshot.store import _Blob
+
+    """Re-protect this host's share after a restart: learn the sealed catalog from the
+    peers (``sources``: ``{host: PartSource}``), then rebuild (erasure decode from
+    peers) every whole part this host is home of and every block placed here that
+    the retained snapshots need. Runs on the worker thread (see :meth:`start_repair`)."""
+    from monolith_py.snapshot.codec import encode_parity
+    from monolith_py.snapshot.recovery import Recovery
+
+    me = self.config.host_id
+    rec = Recovery({**sources, me: self}, me, job=self.config.job)
+    cat = rec.catalog()
+    with self._mu:
+        for sid, man in cat.manifests.items():
+            self._manifests.setdefault(sid, (man, man.encode()))
+        for k, r in cat.records.items():
+            self._records.setdefault(k, r)
+    self._collect()
+    with self._mu:
+        keys, _, _ = self._needed()
+        records = {r.key: r for _, (m, _) in self._manifests.items() for r in m.parts.values()}
+        records.update(self._records)
+    done = {"parts": 0, "blocks": 0, "failed": 0}
+    for key in sorted(keys, key=lambda k: (k[1], k[0], k[2])):
+        found = records.get(key)
+        if found is None or me not in found.placement:
+            continue
+        r = found
+        idx = r.placement.index(me)
+        with self._mu:
+            have = key in self._parts if idx == 0 else (*key, idx) in self._blocks
+        if have:
+            continue
+        try:
+            data = rec.part_bytes(r)
+            if idx == 0:
+                seg = self.pool.create(r.size)
+                seg.view[: r.size] = data
+                with self._mu:
+                    self._parts.setdefault(key, _Blob(seg, r.size))
+                done["parts"] += 1
+                continue
+            blk = data_block(data, idx, r.k) if idx < r.k else \
+                encode_parity(data, r.k, r.m)[idx - r.k]
+            if crc32c.crc32c(blk) != r.block_crcs[idx]:
+                raise CorruptDataError(f"rebuilt block {idx} of {key} fails its crc")
+            seg = self.pool.create(len(blk))
+            seg.view[: len(blk)] = blk
+            with self._mu:
+                self._blocks.setdefault((*key, idx), _Blob(seg, len(blk)))
+            done["blocks"] += 1
+        except Exception as exc:
+            done["failed"] += 1
+            log.warning("SMP %d: cannot rebuild %s: %s: %s", me, key, type(exc).__name__, exc)
+    rec.close()
+    self._repair_result = done
+    log.info("SMP %d repaired after restart: %s", me, done)
+    return done
