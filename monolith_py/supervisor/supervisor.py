@@ -151,7 +151,8 @@ class Supervisor:
         self.series = SeriesStore()
         self.scraper = Scraper()
         self.snapshots = SnapshotWatcher(config.smp_group, config.job, self.events)
-        self.logs = LogWatcher(self.log_paths, self.events)
+        self.logs = LogWatcher(self.log_paths, self.events,
+                               kinds=lambda n: self.roles[n].spec.kind)
         self.chaos = Chaos(config.chaos, clock()) if config.chaos is not None else None
         self.phase = "starting"
         self.fatal: str | None = None
@@ -496,6 +497,7 @@ class Supervisor:
                     self._m_restarts.labels(role=n).inc()
                     self._spawn(n)
                 self._wait_ready([n for n in stage if self.roles[n].spec.ready_file])
+            self._wait_ready(list(plan.start))  # heartbeats too: recovered = serving again
             self._last_recovery_end = self.clock()
             newest = self.snapshots.newest()
             self._snap_at_recovery = newest["id"] if newest else -1

@@ -97,23 +97,28 @@ class SnapshotWatcher:
             self._thread.join(timeout=10)
 
 
-LOG_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("restore", re.compile(r"restored snapshot \d+.*")),
-    ("restore", re.compile(r'"event": "restored".*')),
-    ("restore", re.compile(r"nothing to restore.*")),
-    ("restore", re.compile(r"recovery: .*(erasure-decoded|whole copy|from disk|checkpoint).*")),
-    ("error", re.compile(r"(Traceback \(most recent call last\)|monolith \w+: error: .*)")),
+LOG_PATTERNS: tuple[tuple[tuple[str, ...], str, re.Pattern[str]], ...] = (
+    (("trainer",), "restore", re.compile(r"trainer \d+ restored snapshot \d+.*")),
+    (("trainer",), "restore", re.compile(r"nothing to restore.*")),
+    (("ps",), "restore", re.compile(r"restored snapshot \d+ \(step \d+\) from \w+")),
+    (("ps", "trainer"), "restore", re.compile(r"[\w/]+ \w+ part of snapshot \d+: "
+                                              r"(erasure-decoded|read from disk).*")),
+    (("smp",), "restore", re.compile(r"SMP \d+ repaired after restart: \{'parts': [1-9].*")),
+    ((), "error", re.compile(r"(Traceback \(most recent call last\)|monolith \w+: error: .*)")),
 )
-"""``(event kind, pattern)``: log lines that become events (the matched text is the
-message)."""
+"""``(role kinds or () for all, event kind, pattern)``: log lines that become events (the
+matched text is the message): restores and where their parts came from when that was not
+the local copy, SMP repairs, errors."""
 
 
 class LogWatcher:
     """Follow ``{role: log path}`` (paths may appear later) and record matching lines."""
 
     def __init__(self, paths: Callable[[], Mapping[str, str]], events: EventLog,
-                 interval_s: float = 1.0, max_per_role: int = 200) -> None:
+                 interval_s: float = 1.0, max_per_role: int = 100,
+                 kinds: Callable[[str], str] = lambda role: role.partition("/")[0]) -> None:
         self._paths = paths
+        self._kind = kinds
         self.events = events
         self.interval_s = interval_s
         self.max_per_role = max_per_role
@@ -154,7 +159,10 @@ class LogWatcher:
                 self._match(role, line)
 
     def _match(self, role: str, line: str) -> None:
-        for kind, pat in LOG_PATTERNS:
+        role_kind = self._kind(role)
+        for kinds, kind, pat in LOG_PATTERNS:
+            if kinds and role_kind not in kinds:
+                continue
             m = pat.search(line)
             if m is None:
                 continue
