@@ -93,8 +93,8 @@ def register(subparsers: Any) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        for name in ("kafka", "monolith.snapshot.recovery"):  # the catalog polls are chatty
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)  # closing consumers is noisy
+        logging.getLogger("monolith.snapshot.recovery").setLevel(logging.WARNING)
     from monolith_py.observe.stragglers import StragglerPolicy
     from monolith_py.supervisor import (
         ChaosConfig,

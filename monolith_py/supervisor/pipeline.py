@@ -67,9 +67,9 @@ class PipelineConfig:
         snapshot_every_s: seconds between snapshots (one trainer).
         snapshot_every_steps: rounds between snapshots (several trainers).
         checkpoint_every: a universal checkpoint every N sealed snapshots (0: never).
-        window_s: the joiner's window in event-time seconds (``None``: 3600 for MovieLens,
-            whose actions come with their impressions; 120 for the generator, whose clicks
-            come 20 event-seconds later on average).
+        window_s: the joiner's window in event-time seconds (``None``: half a wall second
+            of event time for MovieLens, whose actions come with their impressions; 120 for
+            the generator, whose clicks come 20 event-seconds later on average).
         job: job and topic prefix.
         sync_interval_s: serving sync period.
         ps_deadline_s: how long a trainer waits for a PS shard before failing.
@@ -129,15 +129,21 @@ class PipelineConfig:
 
     @property
     def joiner_window_s(self) -> int:
+        """Negatives are emitted a window after their impression (positives at once), so a
+        window much longer than the actions' delay skews what the trainer sees; the
+        joiner also drops an impression that comes more than two windows behind the
+        watermark, and the two input topics are read up to a poll apart."""
         if self.window_s is not None:
             return self.window_s
-        return 3600 if self.source == "movielens" else 120
+        if self.source == "movielens":
+            return int(math.ceil(0.5 * self.time_scale))
+        return 120
 
     @property
     def joiner_lateness_s(self) -> int:
-        """The joiner's watermark trails by 3 wall seconds of event time: the two input
-        topics are read a poll apart, and an impression behind the watermark is dropped."""
-        return int(math.ceil(3.0 * self.time_scale))
+        """The watermark trails the inputs by a quarter of a wall second of event time (the
+        read skew between the two topics)."""
+        return int(math.ceil(0.25 * self.time_scale))
 
     @property
     def total_examples(self) -> int | None:

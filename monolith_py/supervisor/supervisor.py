@@ -363,7 +363,8 @@ class Supervisor:
         urls = {n: st.spec.metrics_url for n, st in self.roles.items()
                 if st.spec.metrics_url and st.status in ("starting", "running")}
         got = self.scraper.scrape(urls) if urls else {}
-        t = round(time.time(), 2)
+        wall = time.time()  # metrics carry wall-clock timestamps (sync freshness)
+        t = round(wall, 2)
         steps: dict[str, float] = {}
         for name, samples in got.items():
             st = self.roles[name]
@@ -373,8 +374,8 @@ class Supervisor:
             with self._lock:
                 if b is not None and b != st.beats:
                     st.beats, st.beat_changed_at = b, now
-                prev, st.scraped = st.scraped, (now, samples)
-            for key, v in derive(st.spec.kind, name, samples, prev, now).items():
+                prev, st.scraped = st.scraped, (wall, samples)
+            for key, v in derive(st.spec.kind, name, samples, prev, wall).items():
                 self.series.add(key, t, v)
                 if key.startswith("step_s:") and st.spec.kind == "trainer":
                     steps[name] = v
