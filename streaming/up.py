@@ -56,29 +56,45 @@ def register(subparsers: Any) -> None:
     src.add_argument("--bootstrap-servers", default=None,
                      help="use this Kafka cluster instead of starting the local broker")
     job = p.add_argument_group("job")
-    job.add_argument("--trainers", type=int, default=1)
-    job.add_argument("--ps-shards", type=int, default=2)
-    job.add_argument("--hosts", type=int, default=3, help="simulated hosts (one SMP each)")
-    job.add_argument("--k", type=int, default=2, help="data blocks per snapshot part")
-    job.add_argument("--m", type=int, default=3, help="blocks per part in all (k + parity)")
-    job.add_argument("--batch-size", type=int, default=512)
-    job.add_argument("--dim", type=int, default=16)
-    job.add_argument("--snapshot-every-s", type=float, default=5.0)
+    job.add_argument("--config", default=None, metavar="JOB.toml",
+                     help="job config file given to the PS shards and trainers (tables, "
+                          "model, optimizers; the flags below override it)")
+    job.add_argument("--trainers", type=int, default=1,
+                     help="trainer processes (gloo data-parallel dense layers; default 1)")
+    job.add_argument("--ps-shards", type=int, default=2, help="PS shards (default 2)")
+    job.add_argument("--hosts", type=int, default=3,
+                     help="simulated hosts, one SMP each (default 3)")
+    job.add_argument("--k", type=int, default=2,
+                     help="data blocks per snapshot part (default 2)")
+    job.add_argument("--m", type=int, default=3,
+                     help="blocks per part in all, k + parity; m - k hosts may be lost "
+                          "(default 3)")
+    job.add_argument("--batch-size", type=int, default=512,
+                     help="examples per training step per trainer (default 512)")
+    job.add_argument("--dim", type=int, default=16, help="embedding dim (default 16)")
+    job.add_argument("--snapshot-every-s", type=float, default=5.0,
+                     help="seconds between snapshots with one trainer (default 5)")
     job.add_argument("--snapshot-every-steps", type=int, default=20,
-                     help="rounds between snapshots with several trainers")
-    job.add_argument("--job", default="up", help="job name and topic prefix")
+                     help="rounds between snapshots with several trainers (default 20)")
+    job.add_argument("--job", default="up", help="job name and topic prefix (default up)")
     sup = p.add_argument_group("supervisor")
     sup.add_argument("--heartbeat-interval-s", type=float, default=5.0,
-                     help="a role without heartbeat progress for 2 intervals is hung")
-    sup.add_argument("--straggler-factor", type=float, default=1.5)
-    sup.add_argument("--straggler-k", type=int, default=5)
+                     help="a role without heartbeat progress for 2 intervals is hung "
+                          "(default 5)")
+    sup.add_argument("--straggler-factor", type=float, default=1.5,
+                     help="a straggler's step time exceeds this x the median (default 1.5)")
+    sup.add_argument("--straggler-k", type=int, default=5,
+                     help="... for this many consecutive intervals (default 5)")
     sup.add_argument("--chaos", action="store_true",
                      help="kill random roles and whole hosts at random times")
-    sup.add_argument("--chaos-seed", type=int, default=0)
+    sup.add_argument("--chaos-seed", type=int, default=0,
+                     help="seed of the kill schedule and of the trainers (default 0)")
     sup.add_argument("--chaos-interval-s", type=float, default=30.0,
-                     help="mean seconds between chaos kills")
-    sup.add_argument("--chaos-first-s", type=float, default=20.0)
-    sup.add_argument("--chaos-host-probability", type=float, default=0.25)
+                     help="mean seconds between chaos kills (default 30)")
+    sup.add_argument("--chaos-first-s", type=float, default=20.0,
+                     help="no kill in the first seconds (default 20)")
+    sup.add_argument("--chaos-host-probability", type=float, default=0.25,
+                     help="share of kills that take a whole host (default 0.25)")
     out = p.add_argument_group("output")
     out.add_argument("--run-dir", default=None,
                      help="logs, events and summary (default: runs/<timestamp>)")
@@ -116,7 +132,7 @@ def _up(args: argparse.Namespace) -> int:
         ps_shards=args.ps_shards, trainers=args.trainers, batch_size=args.batch_size,
         dim=args.dim, snapshot_every_s=args.snapshot_every_s,
         snapshot_every_steps=args.snapshot_every_steps, job=args.job,
-        seed=args.chaos_seed)
+        seed=args.chaos_seed, job_config=args.config)
     pipe = build_pipeline(cfg, run_dir, bootstrap=args.bootstrap_servers)
     total = cfg.total_examples or (None if args.generator else 100_836)
     display = ProgressDisplay(total)

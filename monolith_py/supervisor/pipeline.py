@@ -73,6 +73,7 @@ class PipelineConfig:
         job: job and topic prefix.
         sync_interval_s: serving sync period.
         ps_deadline_s: how long a trainer waits for a PS shard before failing.
+        job_config: a job config file for the PS shards and trainers (``--config``).
         python: the interpreter that runs the roles.
     """
 
@@ -94,6 +95,7 @@ class PipelineConfig:
     sync_interval_s: float = 1.0
     ps_deadline_s: float = 15.0
     seed: int = 0
+    job_config: str | None = None
     python: str = field(default_factory=lambda: sys.executable)
 
     def __post_init__(self) -> None:
@@ -129,21 +131,20 @@ class PipelineConfig:
 
     @property
     def joiner_window_s(self) -> int:
-        """Negatives are emitted a window after their impression (positives at once), so a
-        window much longer than the actions' delay skews what the trainer sees; the
-        joiner also drops an impression that comes more than two windows behind the
-        watermark, and the two input topics are read up to a poll apart."""
+        """The joiner's window (event time). A positive is emitted when its action comes,
+        a negative only when the watermark passes the window: a window much longer than
+        the actions' delay makes the trainer see a session's positives before its
+        negatives (MovieLens users rate many movies at once), which hurts the model."""
         if self.window_s is not None:
             return self.window_s
-        if self.source == "movielens":
-            return int(math.ceil(0.5 * self.time_scale))
-        return 120
+        return 3600 if self.source == "movielens" else 120
 
     @property
-    def joiner_lateness_s(self) -> int:
-        """The watermark trails the inputs by a quarter of a wall second of event time (the
-        read skew between the two topics)."""
-        return int(math.ceil(0.25 * self.time_scale))
+    def joiner_horizon_s(self) -> int:
+        """How long the joiner remembers requests after their window. An impression that
+        comes more than window + horizon behind the watermark is dropped as late, and the
+        two input topics are read up to a poll apart: one wall second of event time."""
+        return max(self.joiner_window_s, int(math.ceil(1.0 * self.time_scale)))
 
     @property
     def total_examples(self) -> int | None:
@@ -201,6 +202,7 @@ def build_pipeline(config: PipelineConfig, run_dir: str, *, bootstrap: str | Non
     topics = {"impressions": f"{c.job}.impressions", "actions": f"{c.job}.actions",
               "examples": f"{c.job}.examples"}
     feats = ",".join(c.features)
+    conf = ("--config", os.path.abspath(c.job_config)) if c.job_config else ()
     ckpt = os.path.join(run_dir, "checkpoints")
     joiner_state = os.path.join(run_dir, "joiner.state")
     roles: list[RoleSpec] = []
@@ -231,7 +233,7 @@ def build_pipeline(config: PipelineConfig, run_dir: str, *, bootstrap: str | Non
         h = i % c.hosts
         mp, url = metrics()
         roles.append(RoleSpec(f"ps/{i}", "ps", (
-            *cli, "ps", "--shard", str(i), "--num-shards", str(c.ps_shards),
+            *cli, "ps", *conf, "--shard", str(i), "--num-shards", str(c.ps_shards),
             "--port", addr.rpartition(":")[2], "--features", feats, "--dim", str(c.dim),
             "--smp", smp_group[h], "--smp-group", ",".join(smp_group), "--host-id", str(h),
             "--job", c.job, "--checkpoint-dir", ckpt, "--metrics-port", mp,
@@ -244,7 +246,7 @@ def build_pipeline(config: PipelineConfig, run_dir: str, *, bootstrap: str | Non
         *cli, "joiner", "--bootstrap-servers", bootstrap,
         "--impressions-topic", topics["impressions"], "--actions-topic", topics["actions"],
         "--output-topic", topics["examples"], "--partitions", str(examples_parts),
-        "--window-s", str(c.joiner_window_s), "--lateness-s", str(c.joiner_lateness_s),
+        "--window-s", str(c.joiner_window_s), "--horizon-s", str(c.joiner_horizon_s),
         "--state-file", joiner_state,
         "--checkpoint-every-s", "2", "--metrics-port", mp), host=side, metrics_url=url))
     serve_port = port()
@@ -262,7 +264,7 @@ def build_pipeline(config: PipelineConfig, run_dir: str, *, bootstrap: str | Non
         snap = (["--snapshot-every-s", str(c.snapshot_every_s)] if c.trainers == 1 else
                 ["--snapshot-every-steps", str(c.snapshot_every_steps)])
         roles.append(RoleSpec(f"trainer/{r}", "trainer", (
-            *cli, "trainer", "--rank", str(r), "--world-size", str(c.trainers),
+            *cli, "trainer", *conf, "--rank", str(r), "--world-size", str(c.trainers),
             "--ps", ",".join(ps_addresses), "--bootstrap-servers", bootstrap,
             "--topic", topics["examples"], "--batch-size", str(c.batch_size),
             "--features", feats, "--dim", str(c.dim), "--dist-init", dist,
