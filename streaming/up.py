@@ -110,7 +110,8 @@ def register(subparsers: Any) -> None:
 def _up(args: argparse.Namespace) -> int:
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)  # closing consumers is noisy
-        logging.getLogger("monolith.snapshot.recovery").setLevel(logging.WARNING)
+        for name in ("monolith.snapshot.recovery", "streaming.source"):  # catalog polls,
+            logging.getLogger(name).setLevel(logging.WARNING)            # final checks
     from monolith_py.observe.stragglers import StragglerPolicy
     from monolith_py.supervisor import (
         ChaosConfig,

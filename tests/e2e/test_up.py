@@ -233,3 +233,30 @@ def test_up_chaos_loses_nothing(tmp_path: Path) -> None:
     assert not any(e["kind"] == "error" and e["role"] is None for e in events), \
         [e for e in events if e["kind"] == "error"]
     assert os.path.exists(up.run_dir / "trainer-0.log")
+
+
+def test_up_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    up = Up(tmp_path, "--generator", "--rate", "500")
+    pids: set[int] = set()
+    try:
+        status_url = up.wait_for(r"status page\s+(http://\S+)").group(1)
+
+        def all_running() -> bool:
+            st = _get(status_url + "api/status")
+            pids.update(r["pid"] for r in st["roles"] if r["pid"])
+            return st["phase"] == "running" and all(r["status"] == "running"
+                                                    for r in st["roles"])
+
+        _poll(all_running, 400, "every role running", up)
+        up.proc.send_signal(2)  # Ctrl-C
+        rc = up.proc.wait(timeout=180)
+    finally:
+        up.stop()
+    summary = json.loads(up.summary_path.read_text())
+    assert rc == 1 and not summary["ok"] and summary["reason"] == "interrupted", summary
+    assert "every role stopped" in (up.run_dir / "events.jsonl").read_text()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids):
+        assert time.monotonic() < deadline, [p for p in pids if _alive(p)]
+        time.sleep(0.5)
+    assert not list(Path("/dev/shm").glob(f"monolith-up-{up.proc.pid}-h*"))
