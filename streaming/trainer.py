@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
-from monolith_py.errors import ConfigError, RetriableError
+from monolith_py.errors import ConfigError
 
 if TYPE_CHECKING:
     from monolith_py.batch import Batch
@@ -296,10 +296,6 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
             result = trainer.step(batch)
             hb.step(time.perf_counter() - t_step, examples=len(batch))
             done += 1
-            if not result.trained and result.reason == "rejected_by_table":
-                err = getattr(backend, "last_error", None)
-                if isinstance(err, RetriableError):
-                    raise err  # the PS is down: stop (restart from a snapshot), don't skip
             if dp is not None and dp.rounds == before:
                 dp.idle_step(alive=True)  # this batch was skipped: join the round anyway
             if snaps is not None:

@@ -173,7 +173,9 @@ class OnlineTrainer:
 
     def step(self, batch: Batch) -> StepResult:
         """Validate, score, update the metrics and train on one batch (see the module
-        docstring). A bad batch is counted and skipped, never raised."""
+        docstring). A bad batch is counted and skipped, never raised; a retriable error
+        of the sparse backend (a PS shard that does not answer) is raised, since skipping
+        would silently drop the stream."""
         t0 = time.perf_counter()
         try:
             return self._step(batch)
@@ -193,6 +195,8 @@ class OnlineTrainer:
         try:
             logits = self.model(batch.dense.to(torch.float32), batch.sparse)
         except MonolithError as exc:
+            if exc.retriable:
+                raise  # the sparse parameters are unreachable (a PS is down): not a bad batch
             return self._skip("rejected_by_table", exc, n)
         if logits.shape != (n,):
             raise InvalidInputError(

@@ -14,7 +14,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from monolith_py.batch import Batch
 from monolith_py.modules import DLRM, DeepFM, DynamicEmbeddingBagCollection
-from monolith_py.table import OptimizerConfig, TableConfig
+from monolith_py.table import EmbeddingTable, OptimizerConfig, TableConfig
+from monolith_py.table.backend import LocalBackend
 from monolith_py.training import OnlineTrainer, TrainerConfig
 
 FEATURES = ("user", "item", "tags")
@@ -227,3 +228,22 @@ def test_progress_callback_and_max_steps() -> None:
                 progress_every=2)
     assert seen == [128, 256, 320]
     assert trainer.steps == 5
+
+
+def test_retriable_backend_error_is_raised_not_skipped() -> None:
+    """A PS that does not answer must stop the trainer (to restart from a snapshot), not
+    turn the stream into skipped batches."""
+    from monolith_py.errors import UnavailableError
+
+    class DownBackend(LocalBackend):
+        def lookup(self, keys: Any, train: bool) -> dict[str, torch.Tensor]:
+            raise UnavailableError("shard 0 at 127.0.0.1:1 does not answer")
+
+    tables = [TableConfig(f, dim=8, feature_names=(f,)) for f in FEATURES]
+    down = DownBackend({t.name: EmbeddingTable(t) for t in tables})
+    ebc = DynamicEmbeddingBagCollection(tables, backend=down)
+    model = DLRM(ebc, num_dense=3, bottom_mlp=(16, 8), top_mlp=(16,))
+    trainer = OnlineTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(UnavailableError):
+        trainer.step(_batches(1)[0])
+    assert trainer.metrics()["bad_batches"] == 0
