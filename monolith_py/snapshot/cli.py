@@ -70,6 +70,8 @@ def register_smp(subparsers: Any) -> None:
                         "serving restores keep normal priority (default 10)")
     p.add_argument("--ready-file", default=None, help="write host:port here once serving")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here")
+    p.add_argument("--no-repair", dest="repair", action="store_false",
+                   help="do not rebuild this host's share from the peers at start")
     p.set_defaults(func=_smp_main)
 
 
@@ -89,7 +91,7 @@ def _smp_main(args: argparse.Namespace) -> int:
                     keep=args.keep, full_every=args.full_every, shm_dir=args.shm_dir,
                     place_timeout_s=args.place_timeout_s,
                     keep_free_bytes=args.keep_free_mb << 20, background_nice=args.nice)
-    server = SMPServer(cfg, args.port, args.host, peers=peers).start()
+    server = SMPServer(cfg, args.port, args.host, peers=peers).start(repair=args.repair)
     if args.metrics_port is not None:
         from monolith_py.observe.metrics import serve_metrics
 

@@ -218,8 +218,9 @@ class SnapshotCoordinator:
                 errors[p] = exc
         if errors:
             raise ShardError(f"snapshot {cut.snapshot_id} placement", errors)
+        chains = {p: self._base_chain(p, rec) for p, rec in parts.items() if rec.kind == "inc"}
         man = Manifest(self.job, cut.snapshot_id, cut.step, parts, hosts=self.hosts,
-                       created_s=time.time(), info=self.info)
+                       created_s=time.time(), info=self.info, chains=chains)
         raw = man.encode()
         fault_point("coord.seal.begin")
         seal_errors: dict[object, BaseException] = {}
@@ -244,6 +245,16 @@ class SnapshotCoordinator:
         if self.checkpoint_dir and every and count % every == 0:
             self._ckpt.submit(self._checkpoint_quietly, man)
         return man
+
+    def _base_chain(self, p: str, rec: PartRecord) -> tuple[PartRecord, ...]:
+        """The chain an increment applies to: its base manifest's chain of ``p``."""
+        base = self.last_sealed
+        if base is None or base.snapshot_id != rec.base_id:
+            base = Recovery(self.smps, job=self.job).catalog().manifests.get(rec.base_id)
+        if base is None or p not in base.parts:
+            raise SnapshotError(f"{p}: the base snapshot {rec.base_id} of its increment is "
+                                "not sealed anywhere")
+        return base.chain(p)
 
     def _smp(self, host: int) -> Any:
         smp = self.smps.get(host)

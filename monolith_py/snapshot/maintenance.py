@@ -81,36 +81,31 @@ def compact(self: SnapshotStore, man: Manifest, p: str) -> None:
                     p, sid, type(exc).__name__, exc)
 
 def local_chain(self: SnapshotStore, man: Manifest, p: str) -> list[memoryview] | None:
-    """Frames base-first, all from local home parts (checked), or ``None``."""
-    frames: list[memoryview] = []
-    sid = man.snapshot_id
+    """Frames base-first (from the newest composed full part in the chain, if any), all
+    from local home parts whose crc matches, or ``None``."""
+    chain = list(man.chain(p))
     with self._mu:
-        while True:
-            rec = None
-            if (p, sid, "full") in self._records:
-                rec = self._records[(p, sid, "full")]
-            else:
-                entry = self._manifests.get(sid)
-                rec = entry[0].parts.get(p) if entry is not None else None
-            if rec is None:
-                return None
+        for i in range(len(chain) - 1, -1, -1):
+            full = self._records.get((p, chain[i].snapshot_id, "full"))
+            if full is not None and full.key != chain[i].key:
+                chain = [full, *chain[i + 1:]]
+                break
+        frames: list[memoryview] = []
+        for rec in chain:
             blob = self._parts.get(rec.key)
             if blob is None or blob.size != rec.size or crc32c.crc32c(blob.view) != rec.crc:
                 return None
             frames.append(blob.view)
-            if rec.kind == "full":
-                return frames[::-1]
-            sid = rec.base_id
+    return frames
 
 
 def repair(self: SnapshotStore, sources: dict[int, Any]) -> dict[str, int]:
-    from monolith_py.snapshot.store import _Blob
-
     """Re-protect this host's share after a restart: learn the sealed catalog from the
     peers (``sources``: ``{host: PartSource}``), then rebuild (erasure decode from
     peers) every whole part this host is home of and every block placed here that
     the retained snapshots need. Runs on the worker thread (see :meth:`start_repair`)."""
     from monolith_py.snapshot.codec import encode_parity
+    from monolith_py.snapshot.store import _Blob
     from monolith_py.snapshot.recovery import Recovery
 
     me = self.config.host_id
@@ -124,7 +119,8 @@ def repair(self: SnapshotStore, sources: dict[int, Any]) -> dict[str, int]:
     self._collect()
     with self._mu:
         keys, _, _ = self._needed()
-        records = {r.key: r for _, (m, _) in self._manifests.items() for r in m.parts.values()}
+        records = {r.key: r for _, (m, _) in self._manifests.items()
+                   for p in m.parts for r in m.chain(p)}
         records.update(self._records)
     done = {"parts": 0, "blocks": 0, "failed": 0}
     for key in sorted(keys, key=lambda k: (k[1], k[0], k[2])):

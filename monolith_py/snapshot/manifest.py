@@ -6,7 +6,10 @@ distinct hosts. Its :class:`PartRecord` says what it is (a ``full`` state, or an
 on top of the same participant's part in snapshot ``base_id``), its size and crc32c, and
 where each block lives with each block's crc32c.
 
-The :class:`Manifest` lists the part of every participant at one cut. It is **sealed** by
+The :class:`Manifest` lists the part of every participant at one cut and, for each
+increment, the records of its whole chain back to a full part (``chains``), so a manifest
+is self-contained: restoring or retaining a snapshot never needs another manifest (which
+a partially sealed predecessor may not have left on every SMP). It is **sealed** by
 writing it to the SMPs, which the coordinator does only after every part and every parity
 block was acknowledged; restore reads nothing else. On the wire and in memory it is JSON
 carried as a ``uint8`` array inside a wire frame, so the frame's crc32c covers it: a
@@ -14,11 +17,14 @@ truncated or flipped manifest does not decode.
 
 Example::
 
+    >>> base = PartRecord("ps/0", 4, "full", -1, size=90, crc=3, home=0, k=2, m=3,
+    ...                   block_crcs=(4, 5, 6), placement=(0, 1, 2))
     >>> rec = PartRecord("ps/0", 5, "inc", 4, size=100, crc=7, home=0, k=2, m=3,
     ...                  block_crcs=(1, 2, 3), placement=(0, 1, 2))
-    >>> man = Manifest("job", 5, step=500, parts={"ps/0": rec}, hosts=("a:1", "b:2", "c:3"))
-    >>> Manifest.decode(man.encode()).parts["ps/0"].base_id
-    4
+    >>> man = Manifest("job", 5, step=500, parts={"ps/0": rec}, hosts=("a:1", "b:2", "c:3"),
+    ...                chains={"ps/0": (base,)})
+    >>> [r.snapshot_id for r in Manifest.decode(man.encode()).chain("ps/0")]
+    [4, 5]
 """
 
 from __future__ import annotations
@@ -173,6 +179,8 @@ class Manifest:
         created_s: wall-clock seconds at seal (informational only).
         code_version: the writer's :data:`CODE_VERSION`.
         info: small JSON facts (``num_shards``, ``tables``...).
+        chains: ``{participant: (records oldest first)}`` of the parts an increment in
+            ``parts`` applies to (a full part first); empty for full parts.
     """
 
     job: str
@@ -183,6 +191,11 @@ class Manifest:
     created_s: float = 0.0
     code_version: str = CODE_VERSION
     info: Mapping[str, Any] = field(default_factory=dict)
+    chains: Mapping[str, tuple[PartRecord, ...]] = field(default_factory=dict)
+
+    def chain(self, participant: str) -> tuple[PartRecord, ...]:
+        """The records from a full part to this snapshot's part (oldest first)."""
+        return (*self.chains.get(participant, ()), self.parts[participant])
 
     def __post_init__(self) -> None:
         if not isinstance(self.job, str) or not 0 < len(self.job) <= 128:
@@ -194,13 +207,28 @@ class Manifest:
                 raise InvalidInputError(
                     f"part {name!r} is recorded as {rec.participant!r} of snapshot "
                     f"{rec.snapshot_id}, expected snapshot {self.snapshot_id}")
+        for name, chain in self.chains.items():
+            if name not in self.parts:
+                raise InvalidInputError(f"chain of {name!r}, which has no part")
+            full = (*chain, self.parts[name])
+            if full[0].kind != "full" or any(r.participant != name for r in full):
+                raise InvalidInputError(f"chain of {name!r} must start with a full part")
+            for prev, cur in zip(full, full[1:]):
+                if cur.kind != "inc" or cur.base_id != prev.snapshot_id:
+                    raise InvalidInputError(
+                        f"chain of {name!r}: part of {cur.snapshot_id} does not apply to "
+                        f"{prev.snapshot_id}")
+        for name, rec in self.parts.items():
+            if rec.kind == "inc" and name not in self.chains:
+                raise InvalidInputError(f"increment of {name!r} without its chain")
 
     def to_json(self) -> dict[str, Any]:
         return {"format": "monolith.manifest/1", "job": self.job,
                 "snapshot_id": self.snapshot_id, "step": self.step,
                 "created_s": float(self.created_s), "code_version": self.code_version,
                 "hosts": list(self.hosts), "info": dict(self.info),
-                "parts": [self.parts[p].to_json() for p in sorted(self.parts)]}
+                "parts": [self.parts[p].to_json() for p in sorted(self.parts)],
+                "chains": {p: [r.to_json() for r in c] for p, c in sorted(self.chains.items())}}
 
     def encode(self) -> bytes:
         """The manifest as a checksummed wire frame."""
@@ -221,6 +249,14 @@ class Manifest:
             if rec.participant in parts:
                 raise DecodeError(f"bad manifest: part {rec.participant!r} listed twice")
             parts[rec.participant] = rec
+        chains_raw = d.get("chains", {})
+        if not isinstance(chains_raw, dict):
+            raise DecodeError("bad manifest: 'chains' must be an object")
+        chains = {}
+        for name, lst in chains_raw.items():
+            if not isinstance(lst, list) or len(lst) > 100_000:
+                raise DecodeError("bad manifest: a chain must be a list of records")
+            chains[str(name)] = tuple(PartRecord.from_json(r) for r in lst)
         hosts = d.get("hosts")
         info = d.get("info")
         job, code, created = d.get("job"), d.get("code_version"), d.get("created_s")
@@ -232,7 +268,7 @@ class Manifest:
         try:
             return cls(job=job, snapshot_id=_int(d, "snapshot_id"), step=_int(d, "step"),
                        parts=parts, hosts=tuple(hosts), created_s=float(created),
-                       code_version=code, info=info)
+                       code_version=code, info=info, chains=chains)
         except InvalidInputError as exc:
             raise DecodeError(f"bad manifest: {exc}") from exc
 

@@ -271,33 +271,33 @@ class Recovery:
 
     # -- chains and participants ---------------------------------------------------------------
 
-    def _ps_chain(self, cat: Catalog, p: str, sid: int, depth: int = 0) -> list[Any]:
-        """The decoded parts from a full part to snapshot ``sid`` (oldest first)."""
+    def _decode_chain(self, recs: Sequence[PartRecord]) -> list[Any]:
         from monolith_py.snapshot.pspart import decode_part
 
-        if depth > 10_000:
-            raise SnapshotError("increment chain too long")
-        full = cat.records.get((p, sid, "full"))
-        if full is not None:
-            try:
-                return [decode_part(self.part_bytes(full))]
-            except MonolithError as exc:
-                self._note(f"{p}: composed full part of {sid} unusable ({exc}); trying the chain")
-        man = cat.manifests.get(sid)
-        rec = man.parts.get(p) if man is not None else None
-        if rec is None:
-            raise SnapshotError(f"{p}: snapshot {sid} is not in any reachable catalog")
-        part = decode_part(self.part_bytes(rec))
-        if part.snapshot_id != sid or part.kind != rec.kind:
-            raise SnapshotError(f"{p}: part content does not match its record")
-        if rec.kind == "full":
-            return [part]
-        return [*self._ps_chain(cat, p, rec.base_id, depth + 1), part]
+        parts = []
+        for rec in recs:
+            part = decode_part(self.part_bytes(rec))
+            if part.snapshot_id != rec.snapshot_id or part.kind != rec.kind:
+                raise SnapshotError(f"{rec.participant}: part content does not match its record")
+            parts.append(part)
+        return parts
 
-    def _ps_state(self, cat: Catalog, p: str, sid: int) -> Any:
+    def _ps_state(self, cat: Catalog, p: str, man: Manifest) -> Any:
+        """Compose ``p``'s chain at ``man``, starting from the newest composed full part an
+        SMP recorded in the chain (if it reads), else from the chain's own full part."""
         from monolith_py.snapshot.compose import compose
 
-        return compose(self._ps_chain(cat, p, sid))
+        chain = list(man.chain(p))
+        for i in range(len(chain) - 1, -1, -1):
+            full = cat.records.get((p, chain[i].snapshot_id, "full"))
+            if full is not None and full.key != chain[i].key:
+                try:
+                    return compose(self._decode_chain([full, *chain[i + 1:]]))
+                except MonolithError as exc:
+                    self._note(f"{p}: composed full part of {chain[i].snapshot_id} unusable "
+                               f"({exc}); trying the chain")
+                break
+        return compose(self._decode_chain(chain))
 
     def _build(self, cat: Catalog, man: Manifest, p: str) -> Restored:
         from monolith_py.snapshot.trainerpart import decode_trainer_part
@@ -306,7 +306,7 @@ class Recovery:
         if rec is None:
             raise SnapshotError(f"snapshot {man.snapshot_id} has no part for {p}")
         if p.startswith("ps/"):
-            state: Any = self._ps_state(cat, p, man.snapshot_id)
+            state: Any = self._ps_state(cat, p, man)
             meta: dict[str, Any] = {}
         else:
             state, meta = decode_trainer_part(self.part_bytes(rec))

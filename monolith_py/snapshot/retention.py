@@ -25,50 +25,42 @@ __all__ = ["needed_parts", "chain_length"]
 
 def needed_parts(manifests: Mapping[int, Manifest], records: Mapping[PartKey, PartRecord],
                  keep: int) -> tuple[set[PartKey], set[int], int]:
-    """``(part keys to keep, manifest ids to keep, newest sealed id or -1)``."""
+    """``(part keys to keep, manifest ids to keep, newest sealed id or -1)``.
+
+    Each manifest lists its own chains, so only the retained manifests are consulted (and
+    kept): a missing older manifest never hides a part a retained one needs."""
     sealed = sorted(manifests)
     if not sealed:
         return set(), set(), -1
     keys: set[PartKey] = set()
-    mans: set[int] = set()
-
-    def resolve(p: str, sid: int, depth: int, own: bool = False) -> None:
-        while depth <= 10_000:
-            if (p, sid, "full") in records and not own:
-                keys.add((p, sid, "full"))
-                return
-            man = manifests.get(sid)
-            if man is None:
-                return
-            mans.add(sid)
-            rec = man.parts.get(p)
-            if rec is None:
-                return
-            keys.add(rec.key)
-            if rec.kind != "inc":
-                return
-            sid, depth, own = rec.base_id, depth + 1, False
-
-    for sid in sealed[-keep:]:
-        mans.add(sid)
-        for p in manifests[sid].parts:
+    retained = sealed[-keep:]
+    for sid in retained:
+        man = manifests[sid]
+        for p in man.parts:
             keys.add((p, sid, "full"))  # a compaction may be on its way
-            resolve(p, sid, 0)
-            if sid == sealed[-1]:
-                resolve(p, sid, 0, own=True)
-    return keys, mans, sealed[-1]
+            chain = man.chain(p)
+            top = len(chain) - 1
+            for j in range(top, -1, -1):
+                r = chain[j]
+                composed = (p, r.snapshot_id, "full")
+                # the newest snapshot keeps its own part until the next seal (a reader may
+                # hold a catalog from before a compaction record arrived)
+                if composed in records and composed != r.key and not (sid == sealed[-1] and j == top):
+                    keys.add(composed)
+                    break
+                keys.add(r.key)
+    return keys, set(retained), sealed[-1]
 
 
 def chain_length(manifests: Mapping[int, Manifest], records: Mapping[PartKey, PartRecord],
                  sid: int, p: str) -> int:
     """Increments between snapshot ``sid`` and the nearest full form of ``p``'s part."""
+    man = manifests.get(sid)
+    if man is None or p not in man.parts:
+        return 0
     n = 0
-    while True:
-        if (p, sid, "full") in records:
-            return n
-        man = manifests.get(sid)
-        rec = man.parts.get(p) if man is not None else None
-        if rec is None or rec.kind == "full":
+    for r in reversed(man.chain(p)):
+        if r.kind == "full" or ((p, r.snapshot_id, "full") in records and n):
             return n
         n += 1
-        sid = rec.base_id
+    return n

@@ -193,13 +193,14 @@ class LocalCluster:
                 "--place-timeout-s", str(self.place_timeout_s),
                 "--ready-file", self._ready("smp", host)]
 
-    def start_smp(self, host: int, env: Mapping[str, str] | None = None, wait: bool = True
-                  ) -> subprocess.Popen[bytes]:
+    def start_smp(self, host: int, env: Mapping[str, str] | None = None, wait: bool = True,
+                  extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         ready = self._ready("smp", host)
         if os.path.exists(ready):
             os.remove(ready)
         base = self.smp_env(host) if callable(self.smp_env) else self.smp_env
-        proc = self.hosts[host].spawn("smp", self.smp_command(host), {**base, **(env or {})})
+        proc = self.hosts[host].spawn("smp", [*self.smp_command(host), *extra],
+                                      {**base, **(env or {})})
         if wait:
             wait_file(ready, proc, self.start_timeout_s, self.hosts[host].log_path("smp"))
         return proc

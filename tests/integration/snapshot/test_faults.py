@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -120,13 +121,19 @@ def test_kill9_during_snapshot_encode_and_seal(tmp_path: Any) -> None:
             assert job_alive()
             base = newest_sealed()
             _wait(lambda: sealed_after(base), 120, f"cycle {cycle}: a new seal")
-            # a freshly restarted process (this test) restores the newest sealed snapshot
-            rec = Recovery(smps, job=JOB)
-            cat = rec.catalog()
-            man = rec.newest_common(PARTICIPANTS, cat)
-            assert man is not None
-            got = {p: rec.restore(p, man.snapshot_id, catalog=cat) for p in PARTICIPANTS}
-            rec.close()
+            # a freshly restarted process (this test) restores the newest sealed snapshot;
+            # the job is frozen meanwhile (it seals every ~0.1 s and keeps only 2)
+            job = cluster.hosts[2].procs["job"]
+            os.kill(job.pid, signal.SIGSTOP)
+            try:
+                rec = Recovery(smps, job=JOB)
+                cat = rec.catalog()
+                man = rec.newest_common(PARTICIPANTS, cat)
+                assert man is not None
+                got = {p: rec.restore(p, man.snapshot_id, catalog=cat) for p in PARTICIPANTS}
+                rec.close()
+            finally:
+                os.kill(job.pid, signal.SIGCONT)
             want = ref.at(man.step)
             assert {p: state_digest(r.state) for p, r in got.items()} == want, f"cycle {cycle}"
         hit = {phase for _, phase in read_log(faults)}

@@ -223,7 +223,8 @@ def test_truncated_manifest_and_unsealed_snapshots_are_never_used(group: LocalGr
     homes = {"ps/0": 0, "ps/1": 1, "trainer/0": 2}
     parts = {p: group.store(h).wait_part(p, cut.snapshot_id, cut.captured[p]["kind"], 5.0)
              for p, h in homes.items()}
-    whole = Manifest("test", cut.snapshot_id, cut.step, parts).encode()
+    chains = {p: job.coord.last_sealed.chain(p) for p, r in parts.items() if r.kind == "inc"}
+    whole = Manifest("test", cut.snapshot_id, cut.step, parts, chains=chains).encode()
     for h in range(3):
         group.store(h)._manifests[cut.snapshot_id] = (Manifest.decode(whole), whole[:-40])
     r = _restore(group, "ps/1", 1)
@@ -292,4 +293,25 @@ def test_disk_checkpoint_fallback_and_resharding(group: LocalGroup, tmp_path: An
     r = _restore(group, "ps/0", 0, ckpt=ckpt_dir)
     assert r.source == "disk"
     assert_states_equal(r.state, job.expected[sid]["ps/0"])
+    job.close()
+
+
+def test_partial_seal_never_frees_parts_a_newer_chain_needs(group: LocalGroup) -> None:
+    job = Job(group)
+    for _ in range(3):
+        job.train()
+        job.snapshot()
+    mid = job.coord.last_sealed.snapshot_id - 1
+    for h in (0, 1):  # the seal of `mid` never reached hosts 0 and 1
+        del group.store(h)._manifests[mid]
+    job.train()
+    last = job.snapshot()
+    assert job.coord.last_sealed.parts["ps/0"].kind == "inc"
+    assert len(job.coord.last_sealed.chain("ps/0")) == 4  # self-contained: full + 3 incs
+    group.drain()
+    group.kill(2)  # hosts 0 and 1 must still hold every part of the chain
+    for who, host in (("ps/0", 0), ("ps/1", 1)):
+        r = _restore(group, who, host)
+        assert r.snapshot_id == last
+        assert_states_equal(r.state, job.expected[last][who])
     job.close()

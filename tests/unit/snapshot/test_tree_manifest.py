@@ -62,14 +62,19 @@ def test_unsupported_leaves_and_hostile_skeletons() -> None:
         unflatten_state({}, deep)
 
 
+def _rec(p: str, sid: int, kind: str, base: int, i: int) -> PartRecord:
+    return PartRecord(p, sid, kind, base, size=1000 + i, crc=i, home=i % 3, k=2, m=3,
+                      block_crcs=(1, 2, 3), placement=tuple((i % 3 + j) % 3 for j in range(3)))
+
+
 def _manifest() -> Manifest:
-    recs = {p: PartRecord(p, 9, "inc" if p.startswith("ps") else "full",
-                          7 if p.startswith("ps") else -1, size=1000 + i, crc=i, home=i % 3,
-                          k=2, m=3, block_crcs=(1, 2, 3),
-                          placement=tuple((i % 3 + j) % 3 for j in range(3)))
+    recs = {p: _rec(p, 9, "inc" if p.startswith("ps") else "full",
+                    7 if p.startswith("ps") else -1, i)
             for i, p in enumerate(["ps/0", "ps/1", "trainer/0"])}
+    chains = {p: (_rec(p, 3, "full", -1, i), _rec(p, 7, "inc", 3, i))
+              for i, p in enumerate(["ps/0", "ps/1"])}
     return Manifest("job-a", 9, step=900, parts=recs, hosts=("h0", "h1", "h2"),
-                    created_s=1.5, info={"num_shards": 2})
+                    created_s=1.5, info={"num_shards": 2}, chains=chains)
 
 
 def test_manifest_round_trip_and_truncation() -> None:
@@ -93,6 +98,9 @@ def test_manifest_round_trip_and_truncation() -> None:
     lambda d: d["parts"].append(dict(d["parts"][0])),
     lambda d: d.update(snapshot_id=-1),
     lambda d: d["parts"][0].update(block_crcs=[1, 2]),
+    lambda d: d["chains"].pop("ps/0"),                       # an increment without its chain
+    lambda d: d["chains"]["ps/0"].pop(0),                    # a chain not starting full
+    lambda d: d["chains"]["ps/1"][1].update(base_id=2),      # a chain with a gap
 ])
 def test_manifest_rejects_inconsistent_content(mutate) -> None:  # type: ignore[no-untyped-def]
     d = _manifest().to_json()
