@@ -38,6 +38,8 @@ __all__ = ["SnapshotPolicy", "Cut", "SnapshotCoordinator"]
 
 log = logging.getLogger("monolith.snapshot.coordinator")
 
+_CUT_CHAINS_AT = 16  # chains longer than this start at an SMP-composed full part if any
+
 
 @dataclass(frozen=True)
 class SnapshotPolicy:
@@ -137,6 +139,8 @@ class SnapshotCoordinator:
         self.sealed_count = 0
         self.last_checkpoint: str | None = None
         self._last_time: float | None = None
+        self._records: dict[Any, PartRecord] | None = None
+        self._records_age = 0
         self._last_step: int | None = None
         if start_id is None:
             cat = Recovery(self.smps, job=job).catalog()
@@ -235,6 +239,7 @@ class SnapshotCoordinator:
         with self._mu:
             self.last_sealed = man
             self.sealed_count += 1
+            self._records_age += 1
             count = self.sealed_count
         self._m_seal.observe(time.perf_counter() - cut.started_s)
         self._m_sealed.inc()
@@ -254,7 +259,16 @@ class SnapshotCoordinator:
         if base is None or p not in base.parts:
             raise SnapshotError(f"{p}: the base snapshot {rec.base_id} of its increment is "
                                 "not sealed anywhere")
-        return base.chain(p)
+        chain = base.chain(p)
+        if len(chain) > _CUT_CHAINS_AT:  # start from the newest full part an SMP composed
+            if self._records_age >= _CUT_CHAINS_AT or self._records is None:
+                self._records = Recovery(self.smps, job=self.job).catalog().records
+                self._records_age = 0
+            for i in range(len(chain) - 1, 0, -1):
+                full = self._records.get((p, chain[i].snapshot_id, "full"))
+                if full is not None:
+                    return (full, *chain[i + 1:])
+        return chain
 
     def _smp(self, host: int) -> Any:
         smp = self.smps.get(host)

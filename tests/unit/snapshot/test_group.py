@@ -315,3 +315,21 @@ def test_partial_seal_never_frees_parts_a_newer_chain_needs(group: LocalGroup) -
         assert r.snapshot_id == last
         assert_states_equal(r.state, job.expected[last][who])
     job.close()
+
+
+def test_manifest_chains_restart_at_composed_full_parts(tmp_path: Any) -> None:
+    g = LocalGroup(3, k=2, m=3, root=str(tmp_path / "shm"), job="test", keep=2, full_every=4)
+    try:
+        job = Job(g)
+        for _ in range(24):
+            job.train(1)
+            last = job.snapshot()
+            g.drain()
+        chain = job.coord.last_sealed.chain("ps/0")
+        assert len(chain) <= 17 and chain[0].kind == "full" and chain[0].snapshot_id > 0
+        r = _restore(g, "ps/0", 0)
+        assert r.snapshot_id == last
+        assert_states_equal(r.state, job.expected[last]["ps/0"])
+        job.close()
+    finally:
+        g.close()
