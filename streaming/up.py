@@ -280,6 +280,7 @@ class _Runner:
         ensure_topic(bs, t["impressions"], parts_in)
         ensure_topic(bs, t["actions"], parts_in)
         ensure_topic(bs, t["examples"], max(2, 2 * self.pipe.config.trainers))
+        _require_empty(bs, list(t.values()))
         self.sup.start([n for n in names if n != "broker"])
 
     def _run_stream(self, stop: threading.Event) -> str:
@@ -386,6 +387,26 @@ class _Runner:
         if ok and not s["ok"]:
             s["reason"] = "checks failed"
         return s
+
+
+def _require_empty(bootstrap: str, topics: list[str]) -> None:
+    """The end-of-run accounting reads the topics from their start: they must be new."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from monolith_py.errors import ConfigError
+    from streaming.topics import partitions_for
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="monolith-up-check")
+    try:
+        tps = [TopicPartition(t, p) for t in topics
+               for p in range(partitions_for(bootstrap, t))]
+        ends = consumer.end_offsets(tps)
+    finally:
+        consumer.close()
+    used = sorted({tp.topic for tp, end in ends.items() if end > 0})
+    if used:
+        raise ConfigError(f"topics {used} already hold messages; monolith up needs new topics "
+                          "(pick another --job name, which prefixes them)")
 
 
 def _final_json(path: str) -> dict[str, Any]:

@@ -15,7 +15,8 @@ Each :meth:`tick` (about ``interval_s``):
    of the status page (:mod:`.collect`);
 3. **readiness** -- ready file written, first heartbeat, or health URL answering;
 4. **hangs** -- a heartbeat counter that did not move for ``hung_misses`` x
-   ``heartbeat_interval_s`` (:func:`~monolith_py.observe.heartbeat.is_hung`): the role is
+   ``heartbeat_interval_s`` (:func:`~monolith_py.observe.heartbeat.is_hung`; for a role
+   without a main loop to beat, e.g. serving, its ``/metrics`` not answering): the role is
    killed (SIGKILL) and treated as dead;
 5. **stragglers** among trainers (step time) and PS shards (RPC time)
    (:func:`~monolith_py.observe.stragglers.find_stragglers`): recorded, shown, not killed;
@@ -370,7 +371,8 @@ class Supervisor:
             st = self.roles[name]
             if samples is None:
                 continue
-            b = beats(samples, name)
+            # a role without a main loop to beat (serving): a successful scrape is its beat
+            b = beats(samples, name) if st.spec.heartbeat else (st.beats or 0.0) + 1.0
             with self._lock:
                 if b is not None and b != st.beats:
                     st.beats, st.beat_changed_at = b, now
@@ -396,7 +398,8 @@ class Supervisor:
     def _check_hangs(self, now: float) -> None:
         c = self.config
         for name, st in self.roles.items():
-            if not st.spec.heartbeat or st.status not in ("starting", "running"):
+            watched = st.spec.heartbeat or st.spec.metrics_url is not None
+            if not watched or st.status not in ("starting", "running"):
                 continue
             hung = is_hung(st.beat_changed_at, now, c.heartbeat_interval_s, c.hung_misses,
                            started=st.started_at, start_timeout_s=st.spec.start_timeout_s)

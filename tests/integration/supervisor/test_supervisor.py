@@ -239,3 +239,22 @@ def test_status_server_serves_page_and_api(tmp_path: Path) -> None:
     finally:
         srv.close()
         sup.shutdown()
+
+
+def test_frozen_role_without_heartbeat_is_hung(tmp_path: Path) -> None:
+    """A role watched only through its /metrics (serving): SIGSTOP freezes it whole."""
+    roles = [_role("serve/0", "serve", 0, tmp_path, heartbeat=False)]
+    sup = Supervisor(roles, str(tmp_path / "run"), config=_cfg())
+    try:
+        sup.start()
+        _until(sup, lambda: sup.roles["serve/0"].status == "running"
+               and sup.roles["serve/0"].beats is not None)
+        first = sup.roles["serve/0"].proc
+        assert first is not None
+        os.kill(first.pid, signal.SIGSTOP)
+        _until(sup, lambda: sup.events.count("hung") == 1, timeout=60)
+        assert first.poll() is not None                       # killed although stopped
+        _until(sup, lambda: sup.roles["serve/0"].restarts == 1
+               and sup.roles["serve/0"].status == "running")
+    finally:
+        sup.shutdown()
