@@ -13,14 +13,14 @@ import crc32c
 
 from monolith_py.errors import CorruptDataError
 from monolith_py.snapshot.codec import data_block
-from monolith_py.snapshot.manifest import Manifest, PartKey
+from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord
 from monolith_py.snapshot.shm import Segment
 from monolith_py.testing.faults import fault_point
 
 if TYPE_CHECKING:
     from monolith_py.snapshot.store import SnapshotStore
 
-__all__ = ["compact", "local_chain", "repair"]
+__all__ = ["compact", "local_chain", "repair", "repair_manifest"]
 
 log = logging.getLogger("monolith.snapshot.store")
 
@@ -99,36 +99,18 @@ def local_chain(self: SnapshotStore, man: Manifest, p: str) -> list[memoryview] 
     return frames
 
 
-def repair(self: SnapshotStore, sources: dict[int, Any]) -> dict[str, int]:
-    """Re-protect this host's share after a restart: learn the sealed catalog from the
-    peers (``sources``: ``{host: PartSource}``), then rebuild (erasure decode from
-    peers) every whole part this host is home of and every block placed here that
-    the retained snapshots need. Runs on the worker thread (see :meth:`start_repair`)."""
+def _rebuild(self: SnapshotStore, rec: Any, records: list[PartRecord],
+             done: dict[str, int]) -> None:
+    """Rebuild, from the peers, each whole part (home) or block of ``records`` that is
+    placed on this host and missing here."""
     from monolith_py.snapshot.codec import encode_parity
     from monolith_py.snapshot.store import _Blob
-    from monolith_py.snapshot.recovery import Recovery
 
     me = self.config.host_id
-    rec = Recovery({**sources, me: self}, me, job=self.config.job)
-    cat = rec.catalog()
-    with self._mu:
-        for sid, man in cat.manifests.items():
-            self._manifests.setdefault(sid, (man, man.encode()))
-        for k, r in cat.records.items():
-            self._records.setdefault(k, r)
-    self._collect()
-    with self._mu:
-        keys, _, _ = self._needed()
-        records = {r.key: r for _, (m, _) in self._manifests.items()
-                   for p in m.parts for r in m.chain(p)}
-        records.update(self._records)
-    done = {"parts": 0, "blocks": 0, "failed": 0}
-    for key in sorted(keys, key=lambda k: (k[1], k[0], k[2])):
-        found = records.get(key)
-        if found is None or me not in found.placement:
+    for r in sorted(records, key=lambda r: (r.snapshot_id, r.participant, r.kind)):
+        if me not in r.placement:
             continue
-        r = found
-        idx = r.placement.index(me)
+        key, idx = r.key, r.placement.index(me)
         with self._mu:
             have = key in self._parts if idx == 0 else (*key, idx) in self._blocks
         if have:
@@ -154,7 +136,52 @@ def repair(self: SnapshotStore, sources: dict[int, Any]) -> dict[str, int]:
         except Exception as exc:
             done["failed"] += 1
             log.warning("SMP %d: cannot rebuild %s: %s: %s", me, key, type(exc).__name__, exc)
+
+
+def repair(self: SnapshotStore, sources: dict[int, Any]) -> dict[str, int]:
+    """Re-protect this host's share after a restart: learn the sealed catalog from the
+    peers (``sources``: ``{host: PartSource}``), then rebuild (erasure decode from
+    peers) every whole part this host is home of and every block placed here that
+    the retained snapshots need. Runs on the worker thread (see :meth:`start_repair`)."""
+    from monolith_py.snapshot.recovery import Recovery
+
+    me = self.config.host_id
+    rec = Recovery({**sources, me: self}, me, job=self.config.job)
+    cat = rec.catalog()
+    with self._mu:
+        for sid, man in cat.manifests.items():
+            self._manifests.setdefault(sid, (man, man.encode()))
+        for k, r in cat.records.items():
+            self._records.setdefault(k, r)
+    self._collect()
+    with self._mu:
+        keys, _, _ = self._needed()
+        records = {r.key: r for _, (m, _) in self._manifests.items()
+                   for p in m.parts for r in m.chain(p)}
+        records.update(self._records)
+    done = {"parts": 0, "blocks": 0, "failed": 0}
+    _rebuild(self, rec, [records[k] for k in keys if k in records], done)
     rec.close()
     self._repair_result = done
     log.info("SMP %d repaired after restart: %s", me, done)
     return done
+
+
+def repair_manifest(self: SnapshotStore, man: Manifest, sources: dict[int, Any]) -> None:
+    """After a seal: rebuild what the manifest places here but this SMP lacks (a part
+    committed to this host's previous SMP, or a block sent to it, before it restarted)."""
+    from monolith_py.snapshot.recovery import Recovery
+
+    me = self.config.host_id
+    records = [r for p in man.parts for r in man.chain(p)]
+    with self._mu:
+        missing = [r for r in records if me in r.placement and not (
+            r.key in self._parts if r.placement.index(me) == 0
+            else (*r.key, r.placement.index(me)) in self._blocks)]
+    if not missing:
+        return
+    rec = Recovery({**sources, me: self}, me, job=self.config.job)
+    done = {"parts": 0, "blocks": 0, "failed": 0}
+    _rebuild(self, rec, missing, done)
+    rec.close()
+    log.info("SMP %d: rebuilt what snapshot %d places here: %s", me, man.snapshot_id, done)

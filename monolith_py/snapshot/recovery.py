@@ -350,7 +350,9 @@ class Recovery:
                 out.log = list(self.steps)
                 return out
             except MonolithError as exc:
-                msg = f"snapshot {man.snapshot_id}: {exc}"
+                tried = [n for n in self.steps if "unusable" in n]
+                msg = f"snapshot {man.snapshot_id}: {exc}" + (f" (after: {'; '.join(tried)})"
+                                                              if tried else "")
                 reasons.append(msg)
                 self._note(f"{participant}: {msg}; trying an older one")
         disk = self._from_disk(participant, snapshot_id, num_shards, reasons)

@@ -49,7 +49,7 @@ from monolith_py.errors import (
 from monolith_py.observe.metrics import counter, gauge, histogram
 from monolith_py.snapshot.codec import CodecConfig, block_size, data_block
 from monolith_py.snapshot.blocks import BlockKey, block_frame, decode_block_frame
-from monolith_py.snapshot.maintenance import compact, local_chain, repair
+from monolith_py.snapshot.maintenance import compact, local_chain, repair, repair_manifest
 from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
 from monolith_py.snapshot.retention import chain_length, needed_parts
 from monolith_py.snapshot.shm import Segment, SegmentPool, default_shm_root
@@ -182,6 +182,7 @@ class SnapshotStore:
                                         initializer=self._lower_priority)
         self._closed = False
         self._repair_result: dict[str, int] | None = {}
+        self._repair_sources: dict[int, Any] | None = None
         self._worker = threading.Thread(target=self._work, name="smp-worker", daemon=True)
         self._worker.start()
         h = str(config.host_id)
@@ -498,6 +499,8 @@ class SnapshotStore:
         with self._mu:
             self._manifests[man.snapshot_id] = (man, bytes(manifest_bytes))
         self._collect()
+        if self._repair_sources is not None:  # parts placed before a restart of this SMP
+            self._queue.put(functools.partial(repair_manifest, self, man, self._repair_sources))
         self._maybe_compact(man)
         return man
 
@@ -553,6 +556,9 @@ class SnapshotStore:
                 drop.append(self._blocks.pop(bk))
             for bk in [bk for bk in self._incoming if bk[1] <= newest and bk[:3] not in keys]:
                 drop.append(self._incoming.pop(bk)[0])
+        if drop:
+            log.debug("SMP %d: retention (newest %d, retained %s) freed %d blobs",
+                      self.config.host_id, newest, sorted(mans), len(drop))
         for blob in drop:
             self.pool.release(blob.seg)
         self._m_bytes.set(self.stats()["stored_bytes"])
@@ -584,8 +590,10 @@ class SnapshotStore:
         return repair(self, sources)
 
     def start_repair(self, sources: dict[int, Any]) -> None:
-        """Queue :meth:`repair` on the worker thread."""
+        """Queue :meth:`repair` on the worker thread; from then on every seal also
+        rebuilds what its manifest places here but is missing."""
         self._repair_result = None
+        self._repair_sources = dict(sources)
         self._queue.put(lambda: self._repair_quietly(sources))
 
     def _repair_quietly(self, sources: dict[int, Any]) -> None:
