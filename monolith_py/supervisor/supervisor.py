@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monolith_py.errors import ConfigError, MonolithError
-from monolith_py.observe.heartbeat import is_hung
+from monolith_py.observe.heartbeat import STEPS, is_hung
 from monolith_py.observe.metrics import counter, gauge
 from monolith_py.observe.stragglers import StragglerPolicy, find_stragglers
-from monolith_py.observe.timeseries import Samples, SeriesStore
+from monolith_py.observe.timeseries import Samples, SeriesStore, select
 from monolith_py.supervisor.chaos import Chaos, ChaosConfig
 from monolith_py.supervisor.collect import Scraper, beats, derive
 from monolith_py.supervisor.events import EventLog
@@ -107,6 +107,7 @@ class RoleState:
     exit_code: int | None = None
     scraped: tuple[float, Samples] | None = None
     straggler: bool = False
+    stepped: bool = False
 
     def view(self, now: float) -> dict[str, Any]:
         s = self.spec
@@ -193,7 +194,7 @@ class Supervisor:
             st.started_at, st.ready_at = self.clock(), None
             st.beats = st.beat_changed_at = None
             st.scraped = None
-            st.straggler = False
+            st.straggler = st.stepped = False
         self._m_up.labels(role=name).set(1)
         self.events.record("started", name, f"pid {proc.pid}" + (
             f" on host {spec.host}" if spec.host is not None else ""), pid=proc.pid)
@@ -377,6 +378,8 @@ class Supervisor:
                 if b is not None and b != st.beats:
                     st.beats, st.beat_changed_at = b, now
                 prev, st.scraped = st.scraped, (wall, samples)
+                if not st.stepped and (select(samples, STEPS, role=name) or 0) > 0:
+                    st.stepped = True
             for key, v in derive(st.spec.kind, name, samples, prev, wall).items():
                 self.series.add(key, t, v)
                 if key.startswith("step_s:") and st.spec.kind == "trainer":
@@ -401,15 +404,18 @@ class Supervisor:
             watched = st.spec.heartbeat or st.spec.metrics_url is not None
             if not watched or st.status not in ("starting", "running"):
                 continue
-            hung = is_hung(st.beat_changed_at, now, c.heartbeat_interval_s, c.hung_misses,
+            # a trainer's first step (model build, first collectives, compiled kernels
+            # loading) is judged by the start timeout; its loop beats from then on
+            last = None if st.spec.kind == "trainer" and not st.stepped else st.beat_changed_at
+            hung = is_hung(last, now, c.heartbeat_interval_s, c.hung_misses,
                            started=st.started_at, start_timeout_s=st.spec.start_timeout_s)
             if not hung:
                 continue
             with self._lock:
                 st.status = "dead"
                 self._failed.add(name)
-            why = ("no first heartbeat within the start timeout" if st.beat_changed_at is None
-                   else f"no heartbeat progress for {now - st.beat_changed_at:.1f} s")
+            why = ("no first heartbeat or step within the start timeout" if last is None
+                   else f"no heartbeat progress for {now - last:.1f} s")
             self.events.record("hung", name, f"{why}: killed")
             if st.proc is not None and st.proc.poll() is None:
                 st.proc.kill()
