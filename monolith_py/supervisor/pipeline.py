@@ -190,15 +190,25 @@ def build_pipeline(config: PipelineConfig, run_dir: str, *, bootstrap: str | Non
     cluster (``None``: a ``broker`` role runs the local broker). ``port`` picks free ports
     (fixed for the whole run, so restarted roles keep their addresses)."""
     c = config
+    picked: set[int] = set()
+
+    def next_port() -> int:  # distinct: a port just released may be handed out again
+        for _ in range(1000):
+            p = port()
+            if p not in picked:
+                picked.add(p)
+                return p
+        raise ConfigError("could not pick distinct free ports")
+
     run_dir = os.path.abspath(run_dir)
     ready = os.path.join(run_dir, "ready")
     shm_root = shm_root or ("/dev/shm" if os.path.isdir("/dev/shm") else run_dir)
     tag = f"{c.job}-{os.getpid()}"
     cli = (c.python, "-m", "monolith_py.cli")
     hosts = {h: os.path.join(shm_root, f"monolith-{tag}-h{h}") for h in range(c.hosts)}
-    smp_ports = [port() for _ in range(c.hosts)]
+    smp_ports = [next_port() for _ in range(c.hosts)]
     smp_group = tuple(f"127.0.0.1:{p}" for p in smp_ports)
-    ps_addresses = tuple(f"127.0.0.1:{port()}" for _ in range(c.ps_shards))
+    ps_addresses = tuple(f"127.0.0.1:{next_port()}" for _ in range(c.ps_shards))
     topics = {"impressions": f"{c.job}.impressions", "actions": f"{c.job}.actions",
               "examples": f"{c.job}.examples"}
     feats = ",".join(c.features)
@@ -207,7 +217,7 @@ def build_pipeline(config: PipelineConfig, run_dir: str, *, bootstrap: str | Non
     joiner_state = os.path.join(run_dir, "joiner.state")
     roles: list[RoleSpec] = []
     if bootstrap is None:
-        bport = port()
+        bport = next_port()
         bootstrap = f"127.0.0.1:{bport}"
         roles.append(RoleSpec("broker", "broker", (
             *cli, "broker", "--port", str(bport), "--ready-file", os.path.join(ready, "broker")),
@@ -215,7 +225,7 @@ def build_pipeline(config: PipelineConfig, run_dir: str, *, bootstrap: str | Non
             ready_file=os.path.join(ready, "broker")))
 
     def metrics() -> tuple[str, str]:
-        p = str(port())
+        p = str(next_port())
         return p, f"http://127.0.0.1:{p}/metrics"
 
     def ready_file(name: str) -> str:
@@ -249,14 +259,14 @@ def build_pipeline(config: PipelineConfig, run_dir: str, *, bootstrap: str | Non
         "--window-s", str(c.joiner_window_s), "--horizon-s", str(c.joiner_horizon_s),
         "--state-file", joiner_state,
         "--checkpoint-every-s", "2", "--metrics-port", mp), host=side, metrics_url=url))
-    serve_port = port()
+    serve_port = next_port()
     serve_url = f"http://127.0.0.1:{serve_port}"
     roles.append(RoleSpec("serve/0", "serve", (
         *cli, "serve", "--ps", ",".join(ps_addresses), "--port", str(serve_port),
         "--sync-interval", str(c.sync_interval_s)), host=side,
         metrics_url=f"{serve_url}/metrics", health_url=f"{serve_url}/healthz",
         heartbeat=False))
-    dist = f"tcp://127.0.0.1:{port()}"
+    dist = f"tcp://127.0.0.1:{next_port()}"
     trainer_hosts = ",".join(str(r % c.hosts) for r in range(c.trainers))
     for r in range(c.trainers):
         h = r % c.hosts

@@ -148,3 +148,12 @@ def test_pipeline_config_validation() -> None:
                 dict(job="bad job"), dict(examples=0)):
         with pytest.raises(ConfigError):
             PipelineConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_pipeline_ports_are_distinct_even_when_the_picker_repeats(tmp_path: object) -> None:
+    repeating = itertools.chain.from_iterable((p, p, p) for p in itertools.count(30000))
+    p = build_pipeline(PipelineConfig(trainers=2), str(tmp_path), shm_root=str(tmp_path),
+                       port=repeating.__next__)
+    ports = [a.split(":")[1] for a in (*p.smp_group, *p.ps_addresses)]
+    ports += [r.metrics_url.rsplit(":", 1)[1].split("/")[0] for r in p.roles if r.metrics_url]
+    assert len(set(ports)) == len(ports)
