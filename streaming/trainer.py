@@ -290,6 +290,9 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
                 idle_rounds += 1
                 if not dp.idle_step(alive=not exhausted) and exhausted:
                     break
+                if snaps is not None:  # every rank decides every round, idle or not
+                    snaps.at_boundary(dp.rounds, trainer, feed.last_offsets,
+                                      client.flush if client is not None else None)
                 continue
             before = dp.rounds if dp is not None else 0
             t_step = time.perf_counter()
