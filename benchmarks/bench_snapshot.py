@@ -55,6 +55,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--window-s", type=float, default=30.0,
                    help="length of each with/without-snapshot window")
     p.add_argument("--windows", type=int, default=2, help="windows per mode")
+    p.add_argument("--keep", type=int, default=1,
+                   help="sealed snapshots each SMP retains (1 keeps the bench under ~6 GB)")
     p.add_argument("--full-every", type=int, default=8,
                    help="SMP composes a full part after this many increments (0: never)")
     p.add_argument("--k", type=int, default=2)
@@ -137,6 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"bench": "snapshot", "machine": machine_info(),
                            "load_avg_start": os.getloadavg()[0], "rows": rows, "dim": args.dim,
                            "k": args.k, "m": args.m, "interval_s": args.interval_s,
+                           "keep": args.keep, "full_every": args.full_every,
                            "dense": bool(args.dense), "zipf": args.zipf,
                            "batch_keys": args.batch_keys}
     t0 = time.perf_counter()
@@ -153,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out["state_mb"] = state_bytes / (1 << 20)
     load = _Load(rows, args)
     work = args.workdir or tempfile.mkdtemp(prefix="monolith-bench-snapshot-")
-    cluster = LocalCluster(3, job="bench", k=args.k, m=args.m, keep=2,
+    cluster = LocalCluster(3, job="bench", k=args.k, m=args.m, keep=args.keep,
                            full_every=args.full_every, nice=10, keep_free_mb=256,
                            workdir=os.path.join(work, "cluster")).start()
     try:

@@ -153,6 +153,13 @@ def test_kill_ps_host_smp_and_reshard(tmp_path: Any) -> None:
                                "--out", ckpt_dir], capture_output=True, timeout=300)
         assert save.returncode == 0, save.stderr.decode()[-3000:]
         path = find_checkpoints(ckpt_dir)[0]
+        insp = subprocess.run([sys.executable, "-m", "monolith_py.cli", "checkpoint", "inspect",
+                               ckpt_dir, "--num-shards", "3", "--json"],
+                              capture_output=True, timeout=300)
+        assert insp.returncode == 0, insp.stderr.decode()[-3000:]
+        info = json.loads(insp.stdout.decode().strip().splitlines()[-1])
+        assert info["snapshot_id"] == sid and info["source_shards"] == 2
+        assert sum(info["spread"]["user"]) == info["tables"]["user"]["keys"]
         ck = load_checkpoint(path)
         assert ck.snapshot_id == sid
         for i in range(2):
