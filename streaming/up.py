@@ -237,6 +237,8 @@ class _Runner:
     # -- phases ------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> dict[str, Any]:
+        from monolith_py.errors import MonolithError
+
         reason = "finished"
         ok = False
         try:
@@ -252,6 +254,9 @@ class _Runner:
                     reason = self.sup.fatal or "the drain did not complete"
         except KeyboardInterrupt:
             reason = "interrupted"
+        except MonolithError as exc:  # a clear message, no traceback
+            log.error("monolith up: %s", exc)
+            reason = f"error: {exc}"
         except Exception as exc:  # report, then still stop everything
             log.exception("monolith up failed")
             reason = f"error: {type(exc).__name__}: {exc}"
