@@ -58,7 +58,8 @@ def _matrix(series: Mapping[str, Sequence[float | None]], k: int) -> tuple[list[
     return names, out
 
 
-def straggler_ratios(series: Mapping[str, Sequence[float | None]], k: int) -> dict[str, list[float]]:
+def straggler_ratios(series: Mapping[str, Sequence[float | None]],
+                     k: int) -> dict[str, list[float]]:
     """Each member's step time divided by its interval's median, for the last ``k``
     intervals (NaN where undefined). Shapes: ``len(series)`` lists of ``k`` floats."""
     names, m = _matrix(series, k)

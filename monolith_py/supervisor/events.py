@@ -59,7 +59,9 @@ class EventLog:
         self._t0 = clock()
         self._seq = 0
         self._echo = echo
-        self._file: TextIO | None = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+        self._file: TextIO | None = None
+        if path:
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def record(self, kind: str, role: str | None, message: str, **extra: Any) -> dict[str, Any]:
         """Record one event and return it."""

@@ -519,9 +519,10 @@ class Supervisor:
                 return
             self.events.record("error", None, f"recovery failed: {exc}")
             with self._lock:  # try again at the next tick
-                self._failed |= {n for n in plan.start
-                                 if self.roles[n].proc is None
-                                 or self.roles[n].proc.poll() is not None}  # type: ignore[union-attr]
+                for n in plan.start:
+                    proc = self.roles[n].proc
+                    if proc is None or proc.poll() is not None:
+                        self._failed.add(n)
 
     def _announce_restore(self) -> None:
         """Say which snapshot the trainers will restore (the roles do the restore)."""
