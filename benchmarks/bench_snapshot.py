@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if gap < 1.5 * args.interval_s:  # steady state: the previous one was 1 interval ago
                     inc_sizes.append(m.parts["ps/0"].size)
                     stalls.append(1e3 * stall)
+        out["steps_per_s_windows"] = {k: [round(x, 2) for x in v] for k, v in thr.items()}
         out["steps_per_s_none"] = statistics.median(thr["none"])
         out["steps_per_s_snapshot"] = statistics.median(thr["snap"])
         out["overhead_pct"] = 100.0 * (1 - statistics.median(thr["snap"]) /
