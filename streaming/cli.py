@@ -248,6 +248,10 @@ def register_joiner(subparsers: Any) -> None:
                         "the window)")
     p.add_argument("--lateness-s", type=int, default=0,
                    help="the watermark trails the inputs' event time by this much")
+    p.add_argument("--idle-timeout-s", type=float, default=5.0,
+                   help="wall seconds a caught-up input partition still holds the watermark "
+                        "back (a producer lagging on one topic does not make the other's "
+                        "events late)")
     p.add_argument("--negative-rate", type=float, default=1.0,
                    help="keep this share of negatives (logit correction: + ln(rate))")
     p.add_argument("--max-pending", type=int, default=1_000_000,
@@ -293,7 +297,8 @@ def _joiner(args: argparse.Namespace) -> int:
                        negative_rate=args.negative_rate)
     joiner = Joiner(bs, args.impressions_topic, args.actions_topic, args.output_topic,
                     config=cfg, rank=args.rank, world_size=args.world_size,
-                    dead_letter_topic=args.dead_letter_topic, lateness_s=args.lateness_s)
+                    dead_letter_topic=args.dead_letter_topic, lateness_s=args.lateness_s,
+                    idle_timeout_s=args.idle_timeout_s)
     stop = threading.Event()
     _stop_on_signals(stop, joiner.stop)
     from monolith_py.observe.export import export_values

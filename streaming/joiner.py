@@ -9,10 +9,13 @@ writes labelled examples to the output topic with an idempotent producer.
   topics and writes to the same share of the output topic's partitions. Producers must
   partition impressions and actions by request id with the same partition count, so a
   request's impression and actions meet in one joiner.
-* **Watermark** (event time that has passed for every input): for each input topic, the
-  smallest "newest event time seen" over its partitions that still have unread data;
-  a topic with nothing left to read does not hold the watermark back; when nothing holds
-  it back it is the newest event time seen. ``lateness_s`` is subtracted.
+* **Watermark** (event time that has passed for every input): the smallest "newest event
+  time seen" over the input partitions. A partition that has nothing left to read stops
+  holding the watermark back only once it has been idle (caught up, no new message) for
+  ``idle_timeout_s`` wall seconds, so a producer that falls a little behind on one topic
+  (a loaded machine) does not let the other topic's times close its windows and make its
+  impressions late. When nothing holds it back it is the newest event time seen.
+  ``lateness_s`` is subtracted.
 * **State** (``state_dict``): the join state (pending impressions, remembered ids, early
   actions, watermark), the next offset of every input partition, and the output offsets
   at that moment (after a flush). ``load_state_dict`` restores it, seeks the inputs, and
@@ -29,6 +32,7 @@ Not thread-safe, except ``stop()``.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +65,9 @@ class Joiner:
         dead_letter_topic: where undecodable input goes (``None``: count and skip).
         lateness_s: how far behind the newest input time the watermark trails.
         out_batch_size: most examples per output message.
+        idle_timeout_s: wall seconds after which a caught-up partition no longer holds
+            the watermark back (0: at once).
+        clock: monotonic wall seconds (injectable for tests).
         options: consumer tuning (:class:`SourceOptions`).
     """
 
@@ -68,15 +75,17 @@ class Joiner:
                  output_topic: str, *, config: JoinerConfig = JoinerConfig(), rank: int = 0,
                  world_size: int = 1, dead_letter_topic: str | None = None,
                  lateness_s: int = 0, out_batch_size: int = 1024,
-                 options: SourceOptions = SourceOptions()) -> None:
+                 options: SourceOptions = SourceOptions(), idle_timeout_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         topics = {impressions_topic, actions_topic, output_topic}
         if len(topics) != 3 or not all(topics):
             raise ConfigError("impressions, actions and output topics must be three distinct "
                               f"names, got {impressions_topic!r}, {actions_topic!r}, "
                               f"{output_topic!r}")
-        if lateness_s < 0 or out_batch_size < 1:
-            raise ConfigError(f"lateness_s must be >= 0 and out_batch_size >= 1, got "
-                              f"{lateness_s}, {out_batch_size}")
+        if lateness_s < 0 or out_batch_size < 1 or not idle_timeout_s >= 0:
+            raise ConfigError(f"lateness_s and idle_timeout_s must be >= 0 and "
+                              f"out_batch_size >= 1, got {lateness_s}, {idle_timeout_s}, "
+                              f"{out_batch_size}")
         self.bootstrap_servers = bootstrap_servers
         self.topics = {"impressions": impressions_topic, "actions": actions_topic}
         self.output_topic = output_topic
@@ -90,6 +99,9 @@ class Joiner:
         self._tps: dict[tuple[str, int], Any] = {}  # (role, partition) -> TopicPartition
         self._next: dict[tuple[str, int], int] = {}
         self._newest: dict[tuple[str, int], int] = {}
+        self._last_data: dict[tuple[str, int], float] = {}  # wall time of the last message
+        self.idle_timeout_s = float(idle_timeout_s)
+        self._clock = clock
         self._sink: Any = None
         self._out_parts: list[int] = []
         self._out_base: dict[int, int] = {}
@@ -163,13 +175,15 @@ class Joiner:
         """The event time every input has passed (see the module docstring)."""
         bound: int | None = None
         newest_all: int | None = None
+        now = self._clock()
         for key, tp in self._tps.items():
             newest = self._newest.get(key)
             if newest is not None:
                 newest_all = newest if newest_all is None else max(newest_all, newest)
             hw = self._consumer.highwater(tp)
             caught_up = hw is not None and self._next[key] >= hw
-            if caught_up:
+            if caught_up and (newest is None or now - self._last_data.get(key, -math.inf)
+                              >= self.idle_timeout_s):
                 continue
             if newest is None:
                 return None  # unread data of unknown time: cannot move
@@ -210,6 +224,7 @@ class Joiner:
         self.counters["messages"] += 1
         key = (role, p)
         self._next[key] = msg.offset + 1
+        self._last_data[key] = self._clock()
         value = msg.value if msg.value is not None else b""
         try:
             cols = decode_columns(value, verify_checksum=self.options.verify_checksum,

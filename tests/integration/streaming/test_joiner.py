@@ -124,3 +124,40 @@ def test_restored_joiner_never_emits_a_request_twice(kafka_broker) -> None:
     second.close()
     got = read_output(bs, out)  # asserts every request at most once
     assert got == truth  # ... and every request exactly once, with its true label
+
+
+def _poll_until_read(joiner: Joiner, messages: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while joiner.counters["messages"] < messages:
+        assert time.monotonic() < deadline, f"joiner read {joiner.counters['messages']} messages"
+        joiner.poll_once(0.2)
+
+
+@pytest.mark.parametrize("idle_timeout_s, late", [(5.0, 0), (0.0, 1)])
+def test_caught_up_topic_holds_the_watermark_until_idle(kafka_broker, idle_timeout_s: float,
+                                                        late: int) -> None:
+    """The impressions producer lags behind the actions producer: the actions' newer times
+    must not close the impressions' windows while the impressions topic is merely caught
+    up (not idle), or the lagging impressions are dropped as late."""
+    bs = kafka_broker.bootstrap_servers
+    imp, act, out = make_topics(bs)
+    with KafkaSink(bs, act) as s:
+        s.send_columns(actions([99], [100_000]))
+        s.flush()
+    with KafkaSink(bs, imp) as s:
+        s.send_columns(impressions([1], [1000]))
+        s.flush()
+    joiner = Joiner(bs, imp, act, out, config=JoinerConfig(window_s=60, horizon_s=60),
+                    options=FAST, idle_timeout_s=idle_timeout_s, clock=lambda: 0.0)
+    try:
+        joiner.open()
+        _poll_until_read(joiner, 2)
+        with KafkaSink(bs, imp) as s:  # the lagging impressions producer catches up
+            s.send_columns(impressions([2], [1001]))
+            s.flush()
+        _poll_until_read(joiner, 3)
+        assert joiner.join.counters["late_impressions"] == late
+    finally:
+        joiner.close()
