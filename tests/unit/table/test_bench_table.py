@@ -25,4 +25,6 @@ def test_bench_table_fields(dist: str) -> None:
     assert result["keys"] == 5000 and result["dist"] == dist
     assert 0 < result["load_factor"] <= 0.9
     assert result["bytes_per_key"] == pytest.approx(16 / result["load_factor"])
-    assert result["bytes_per_key_reserved"] <= 16 / 0.9 + 0.1
+    assert result["bytes_per_key"] <= 16 / 0.9 + 0.1  # the map sized for its keys
+    assert 0 < result["load_factor_grown"] <= 0.9
+    assert result["bytes_per_key_grown"] == pytest.approx(16 / result["load_factor_grown"])
