@@ -34,7 +34,7 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import crc32c
 import numpy as np
@@ -134,8 +134,8 @@ def encode_arrays(
     out[_PREFIX.size : _PREFIX.size + len(header)] = header
     view = memoryview(out)
     for entry, arr in zip(entries, parts):
-        start = payload_start + entry["offset"]
-        view[start : start + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+        start = payload_start + int(entry["offset"])  # type: ignore[call-overload]
+        view[start : start + arr.nbytes] = arr.reshape(-1).view(np.uint8).data
     crc = crc32c.crc32c(view[payload_start:]) if checksum else 0
     padded_header_len = payload_start - _PREFIX.size
     _PREFIX.pack_into(
@@ -310,6 +310,11 @@ def decode_arrays(
     return arrays, meta
 
 
+def _count_like(value: Any) -> bool:
+    """A non-negative int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _decode_entry(
     i: int, entry: Any, payload: memoryview, limits: WireLimits, copy: bool
 ) -> tuple[str, np.ndarray]:
@@ -327,9 +332,9 @@ def _decode_entry(
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise _fail(f"array {name!r} has an invalid shape {shape!r}")
-    for field, value in (("offset", offset), ("nbytes", nbytes)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise _fail(f"array {name!r} has an invalid {field} {value!r}")
+    if not _count_like(offset) or not _count_like(nbytes):
+        raise _fail(f"array {name!r} has an invalid offset {offset!r} or nbytes {nbytes!r}")
+    offset, nbytes = cast(int, offset), cast(int, nbytes)
     dtype = np.dtype(dtype_str)
     count = 1
     for d in shape:

@@ -33,7 +33,7 @@ def _array(state: Mapping[str, Any], name: str, dtype: Any, shape: tuple[int, ..
 
 
 def _int(state: Mapping[str, Any], name: str, lo: int = 0) -> int:
-    value = state.get(name)
+    value: Any = state.get(name)
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < lo:
