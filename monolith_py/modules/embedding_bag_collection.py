@@ -41,7 +41,52 @@ from monolith_py.table.backend import LocalBackend, SparseBackend
 if TYPE_CHECKING:  # pragma: no cover
     from monolith_py.table import TableConfig
 
-__all__ = ["DynamicEmbeddingBagCollection"]
+__all__ = ["DynamicEmbeddingBagCollection", "from_torchrec_config"]
+
+# An EmbeddingBagConfig's num_embeddings is a fixed size in TorchRec; here tables grow, so
+# it only pre-sizes them, up to this many rows (a 10^9-row config must not allocate 10^9).
+_MAX_PRESIZE_ROWS = 1 << 20
+
+
+def from_torchrec_config(config: Any, **overrides: Any) -> TableConfig:
+    """A :class:`~monolith_py.table.TableConfig` from TorchRec's ``EmbeddingBagConfig``.
+
+    ``name``, ``embedding_dim`` -> ``dim``, ``feature_names`` and ``pooling`` (SUM/MEAN)
+    carry over; ``num_embeddings`` only pre-sizes the growing table (up to 2**20 rows);
+    ``overrides`` set any other field (optimizer, admit_threshold, ttl_seconds, ...).
+
+    Example::
+
+        >>> from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+        >>> cfg = from_torchrec_config(EmbeddingBagConfig(
+        ...     name="t_item", embedding_dim=8, num_embeddings=1000,
+        ...     feature_names=["item"], pooling=PoolingType.MEAN), admit_threshold=2)
+        >>> cfg.dim, cfg.feature_names, cfg.pooling, cfg.admit_threshold
+        (8, ('item',), 'mean', 2)
+    """
+    from monolith_py.table import TableConfig
+
+    pooling = getattr(getattr(config, "pooling", None), "name", "SUM").lower()
+    if pooling not in ("sum", "mean"):
+        raise ConfigError(
+            f"table {config.name!r}: pooling {pooling.upper()} is not supported by "
+            "DynamicEmbeddingBagCollection; use PoolingType.SUM or PoolingType.MEAN"
+        )
+    fields: dict[str, Any] = {
+        "name": config.name,
+        "dim": int(config.embedding_dim),
+        "feature_names": tuple(config.feature_names),
+        "pooling": pooling,
+        "initial_capacity": max(1, min(int(config.num_embeddings), _MAX_PRESIZE_ROWS)),
+    }
+    fields.update(overrides)
+    return TableConfig(**fields)
+
+
+def _as_table_config(config: Any) -> TableConfig:
+    if hasattr(config, "embedding_dim") and hasattr(config, "num_embeddings"):
+        return from_torchrec_config(config)
+    return config  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -73,7 +118,9 @@ class DynamicEmbeddingBagCollection(nn.Module):
         tables: one :class:`~monolith_py.table.TableConfig` per table; a table serves the
             features named in its ``feature_names`` (its own name when empty), so several
             features may share one table. ``pooling`` ("sum" or "mean") and ``dim`` come
-            from the config.
+            from the config. TorchRec ``EmbeddingBagConfig``s are accepted too (see
+            :func:`from_torchrec_config`), so ``EmbeddingBagCollection(tables=...)`` code
+            ports by changing the class name.
         backend: where the rows live. ``None`` builds a
             :class:`~monolith_py.table.backend.LocalBackend` of new
             :class:`~monolith_py.table.EmbeddingTable`s on ``device``.
@@ -118,7 +165,7 @@ class DynamicEmbeddingBagCollection(nn.Module):
             raise ConfigError("DynamicEmbeddingBagCollection needs at least one TableConfig")
         self._device = torch.device(device)
         self._is_weighted = bool(is_weighted)
-        self._configs: tuple[TableConfig, ...] = tuple(tables)
+        self._configs: tuple[TableConfig, ...] = tuple(_as_table_config(t) for t in tables)
 
         names = [c.name for c in self._configs]
         if len(set(names)) != len(names):
@@ -183,6 +230,22 @@ class DynamicEmbeddingBagCollection(nn.Module):
     @property
     def table_configs(self) -> tuple[TableConfig, ...]:
         return self._configs
+
+    def embedding_bag_configs(self) -> list[Any]:
+        """The tables as TorchRec ``EmbeddingBagConfig``s (what TorchRec models such as
+        ``torchrec.models.dlrm.DLRM`` ask their embedding collection for);
+        ``num_embeddings`` is the configured initial capacity, since tables grow."""
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+        return [
+            EmbeddingBagConfig(
+                name=c.name, embedding_dim=int(c.dim),
+                num_embeddings=int(c.initial_capacity),
+                feature_names=list(c.feature_names) or [c.name],
+                pooling=PoolingType.MEAN if c.pooling == "mean" else PoolingType.SUM,
+            )
+            for c in self._configs
+        ]
 
     def feature_names(self) -> list[str]:
         """Output keys, in output order (config order)."""
