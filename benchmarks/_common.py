@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["machine_info", "emit"]
+__all__ = ["machine_info", "emit", "run_and_emit"]
 
 
 def machine_info() -> dict[str, Any]:
@@ -42,3 +44,15 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
         if isinstance(value, float):
             value = f"{value:,.4g}"
         print(f"{key:<{width}}  {value}")
+
+
+def run_and_emit(run: Callable[[argparse.Namespace], dict[str, Any]]
+                 ) -> Callable[[argparse.Namespace], int]:
+    """The command handler of a benchmark whose ``run(args)`` returns its result dict:
+    runs it and prints the result (one JSON object with ``--json``)."""
+
+    def handler(args: argparse.Namespace) -> int:
+        emit(run(args), bool(getattr(args, "json", False)))
+        return 0
+
+    return handler

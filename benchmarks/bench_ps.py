@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from benchmarks._common import run_and_emit
+
 __all__ = ["register", "run"]
 
 
@@ -47,14 +49,7 @@ def register(subparsers: Any) -> None:
                    help="torch intra-op threads of the trainer (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from benchmarks._common import emit
-
-    emit(run(args), args.json)
-    return 0
+    p.set_defaults(func=run_and_emit(run))
 
 
 def _job_args(args: argparse.Namespace, names: list[str]) -> list[str]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from benchmarks._common import run_and_emit
+
 __all__ = ["register", "run"]
 
 
@@ -47,14 +49,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seeds", type=int, default=1,
                    help="run seeds seed..seed+N-1 and report the mean AUCs (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from benchmarks._common import emit
-
-    emit(run(args), args.json)
-    return 0
+    p.set_defaults(func=run_and_emit(run))
 
 
 def _model(embedding: Any, args: argparse.Namespace, num_dense: int, num_sparse: int) -> Any:

@@ -23,6 +23,8 @@ import statistics
 import time
 from typing import Any
 
+from benchmarks._common import run_and_emit
+
 __all__ = ["register", "run"]
 
 
@@ -37,7 +39,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bootstrap-servers", default=None,
                    help="use this Kafka instead of starting the local broker")
-    p.set_defaults(func=_main)
+    p.set_defaults(func=run_and_emit(run))
 
 
 def _messages(args: argparse.Namespace) -> list[bytes]:
@@ -227,8 +229,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _main(args: argparse.Namespace) -> int:
-    from benchmarks._common import emit
-
-    emit(run(args), args.json)
-    return 0

@@ -25,8 +25,8 @@ whose ``initial_capacity`` is set), whose ``bytes_per_key`` (index memory, 16 by
 slot, over the keys) and ``load_factor`` are reported. The map grown from empty by
 doubling is reported beside it: ``bytes_per_key_grown`` and ``load_factor_grown`` (between
 0.45 and 0.9 depending on where the key count falls between two doublings, i.e. 17.8 to
-35.6 bytes per key) and ``find_grown_mops``. Times are the best of ``--repeat`` runs (find, dict, MCH) on a busy
-machine; mutating phases run once per repeat on a fresh map.
+35.6 bytes per key) and ``find_grown_mops``. Times are the best of ``--repeat`` runs
+(find, dict, MCH) on a busy machine; mutating phases run once per repeat on a fresh map.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import time
 from typing import Any
+
+from benchmarks._common import run_and_emit
 
 __all__ = ["register", "run"]
 
@@ -53,14 +55,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-torchrec", action="store_true", help="skip the MCH anchor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from benchmarks._common import emit
-
-    emit(run(args), args.json)
-    return 0
+    p.set_defaults(func=run_and_emit(run))
 
 
 _CPU: dict[str, float] = {}  # phase -> best process CPU seconds (all threads)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from benchmarks._common import run_and_emit
+
 __all__ = ["register", "run"]
 
 
@@ -44,14 +46,7 @@ def register(subparsers: Any) -> None:
                    help="torch intra-op threads (0: torch's default, one per core)")
     p.add_argument("--no-torchrec", action="store_true", help="skip the TorchRec anchor")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from benchmarks._common import emit
-
-    emit(run(args), args.json)
-    return 0
+    p.set_defaults(func=run_and_emit(run))
 
 
 def _zipf_batches(args: argparse.Namespace, n: int) -> list[Any]:

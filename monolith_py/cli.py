@@ -25,6 +25,8 @@ __all__ = ["main", "build_parser", "load_plugins"]
 
 log = logging.getLogger("monolith")
 
+_OUR_LOGGERS = ("monolith", "monolith_py", "streaming", "serving", "benchmarks")
+
 
 def load_plugins(group: str) -> list[tuple[str, Callable[[Any], None] | BaseException]]:
     """Load every entry point of ``group``: ``(name, register_fn)`` or ``(name, error)``
@@ -75,11 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    # our loggers at the requested level; third-party ones (fbgemm logs every library it
+    # loads at INFO on the root logger) only from WARNING, unless DEBUG is asked for
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=level if level <= logging.DEBUG else max(level, logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for name in _OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    # torchrec's import trips a torch.fx deprecation notice at WARNING in every process
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
