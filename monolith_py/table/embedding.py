@@ -84,6 +84,10 @@ class EmbeddingTable:
         self._index = CuckooHashMap(cfg.initial_capacity, cfg.max_load_factor)
         self._arena = RowArena(self._dim, self._specs, cfg.initial_capacity)
         self._pending = _EMPTY_KEYS  # sorted keys sighted by train lookups since last apply
+        # (keys, rows, version) of the last train lookup: the step's apply_gradients on the
+        # same keys reuses the rows instead of probing the index again, while the table is
+        # unchanged since (same version)
+        self._looked_up: tuple[np.ndarray, np.ndarray, int] | None = None
         self._log = DeletionLog()
         self._version = 0
         self._clock = 0
@@ -173,8 +177,10 @@ class EmbeddingTable:
         k = as_keys(keys)
         check_reserved(k)
         rows = self._index.find(k)
-        if train and self._fill_absent(k, rows, from_apply=False):
-            self._version += 1
+        if train:
+            if self._fill_absent(k, rows, from_apply=False):
+                self._version += 1
+            self._looked_up = (k.copy(), rows.copy(), self._version)
         out = np.empty((k.shape[0], self._dim), dtype=np.float32)
         gather_rows(self._arena.weights, rows, out)
         t = torch.from_numpy(out)
@@ -192,7 +198,9 @@ class EmbeddingTable:
         check_reserved(k)
         g = as_float_rows(grads, k.shape[0], self._dim, "grads")
         t = _as_int(now)
-        rows = self._index.find(k)
+        rows = self._rows_of_last_lookup(k)
+        if rows is None:
+            rows = self._index.find(k)
         inserted = self._fill_absent(k, rows, from_apply=True)
         self._pending = _EMPTY_KEYS
         self._clock = max(self._clock, t)
@@ -211,6 +219,17 @@ class EmbeddingTable:
         self._version += 1
         apply_optimizer(self._config.optimizer, a.weights, a.slots, a.meta, urows, gsum, t,
                         self._version, self._scratch)
+
+    def _rows_of_last_lookup(self, k: np.ndarray) -> np.ndarray | None:
+        """The rows the last train lookup found for exactly these keys, if the table has
+        not changed since (a copy: the caller fills in absent ones); else ``None``."""
+        cached, self._looked_up = self._looked_up, None
+        if cached is None:
+            return None
+        keys, rows, version = cached
+        if version != self._version or keys.shape != k.shape or not np.array_equal(keys, k):
+            return None
+        return rows.copy()
 
     def evict_expired(self, now: Any) -> torch.Tensor:
         """Delete rows whose last update is more than ``ttl_seconds`` before ``now`` (event
@@ -399,6 +418,7 @@ class EmbeddingTable:
             log.versions.append(s["deleted_versions"].copy())
         # commit
         self._index, self._arena, self._log = index, arena, log
+        self._looked_up = None
         self._pending = s["pending"].copy()
         self._version = s["version"]
         self._clock = s["clock"]

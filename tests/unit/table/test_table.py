@@ -394,3 +394,42 @@ def test_expiry_sees_rows_loaded_with_old_times() -> None:
     t.load_rows(k(3), torch.ones(1, 4), meta={"last_update": k(60)})
     u.load_state_dict(t.state_dict())
     assert u.evict_expired(105).tolist() == [3] and u.evict_expired(111).tolist() == [1]
+
+
+# -- the train lookup's rows reused by the step's apply_gradients -------------------------
+
+def _rows_by_key(t: EmbeddingTable) -> dict[int, list[float]]:
+    sd = t.state_dict()
+    return {int(key): row.tolist() for key, row in zip(sd["keys"], sd["weights"])}
+
+
+@pytest.mark.parametrize("between", ["nothing", "mutate_keys", "other_keys", "evict", "load"])
+def test_apply_after_lookup_updates_the_right_rows(between: str) -> None:
+    """apply_gradients may reuse the rows of the preceding train lookup, but only when the
+    keys and the table are unchanged: the result must equal a table that probes again."""
+    ours, ref = table(ttl_seconds=100), table(ttl_seconds=100)
+    for t in (ours, ref):
+        t.apply_gradients(k(1, 2, 3), torch.ones(3, 4), now=1000)
+    buf = k(1, 2, 3, 4)
+    ours.lookup(buf, train=True)
+    ref.lookup(buf.clone(), train=True)
+    if between == "mutate_keys":  # the caller reuses its key buffer in place
+        buf[:] = k(5, 6, 7, 8)
+        ref.lookup(buf.clone(), train=True)
+    elif between == "other_keys":
+        buf = k(4, 3, 2, 1)
+    elif between == "evict":
+        for t in (ours, ref):
+            t.apply_gradients(k(4), torch.ones(1, 4), now=1200)
+            t.evict_expired(now=1150)  # 1, 2, 3 (last update 1000) go
+    elif between == "load":
+        other = table(ttl_seconds=100)
+        other.apply_gradients(k(9, 8, 7, 6), torch.full((4, 4), 3.0), now=1000)
+        other.lookup(k(9, 8, 7, 6, 5), train=True)  # same number of versions as ``ours``
+        for t in (ours, ref):
+            t.load_state_dict(other.state_dict())
+    grads = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    ours.apply_gradients(buf, grads, now=1300)
+    ref._looked_up = None  # the reference always probes the index
+    ref.apply_gradients(buf.clone(), grads, now=1300)
+    assert _rows_by_key(ours) == _rows_by_key(ref)
