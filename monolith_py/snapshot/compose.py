@@ -1,11 +1,19 @@
 """Composition of a PS part chain (a full part, then increments) into a shard state.
 
-One pass, whatever the chain length: the live keys of the newest part are sorted; each is
-resolved to the newest part of the chain that captured its row (``searchsorted`` on each
-part's sorted keys, newest first); then every array (metadata, weights, slots) is gathered
-once into its output by a compiled, parallel kernel. A chain made of one key-sorted full
-part (what an SMP composes) is returned without copying its rows: the arrays are views of
-the part, and ``PSShard.load_state_dict`` copies them into the table.
+Two phases per table, whatever the chain length:
+
+1. **resolve** — the live keys of the newest part, sorted, each mapped to the newest part
+   of the chain that captured its row (``searchsorted`` on each part's sorted keys, newest
+   first); nothing large is allocated yet;
+2. **fill** — every array (row records, weights, slots) is gathered once, by a compiled
+   parallel kernel, straight into its destination: new arrays, a table's
+   :meth:`~monolith_py.table.EmbeddingTable.staged_state` (``stage=``: the rows land in
+   the arena the table then adopts, so a restore writes each byte of the state once), or
+   the arrays of a part frame being written into a shared-memory segment
+   (:func:`compose_frame`: an SMP's compaction, no intermediate state).
+
+A chain of one key-sorted full part (what an SMP composes) without ``stage`` is returned
+without copying its rows: the arrays are views of the part.
 
 A live key that no part of the chain holds, or a row of the newest part that is not live,
 means the chain is broken (a wrong base): :class:`CorruptDataError`, never a silent load.
@@ -25,11 +33,17 @@ Example::
     >>> state = compose([full, inc])
     >>> bool((state["tables"]["t"]["weights"] == shard.state_dict()["tables"]["t"]["weights"]).all())
     True
+    >>> fresh = PSShard(0, 1, [TableConfig("t", dim=2)])   # compose into the table itself:
+    >>> state = compose([full, inc], stage=lambda name, n: fresh.tables[name].staged_state(n))
+    >>> fresh.load_state_dict(state)                        # adopts the rows, no copy
+    >>> bool((fresh.pull("t", np.arange(5), False) == shard.pull("t", np.arange(5), False)).all())
+    True
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,10 +54,15 @@ from monolith_py.errors import CorruptDataError
 if TYPE_CHECKING:
     from monolith_py.snapshot.pspart import DecodedPart, TablePart
 
-__all__ = ["compose", "shard_state", "apply_increment"]
+__all__ = ["compose", "compose_frame", "shard_state", "apply_increment", "Stage"]
 
 _SHARD_FORMAT = "monolith.ps_shard.v1"
 _COUNTERS = ("admitted", "filtered", "evicted", "erased")
+
+Stage = Callable[[str, int], Any]
+"""``stage(table name, rows)``: a staged table state to compose into (an object with
+``meta`` int64 ``[n, 4]``, ``weights``, ``slots`` and dict entries, e.g.
+``EmbeddingTable.staged_state``), or ``None`` for new arrays."""
 
 
 @njit(cache=True, parallel=True)
@@ -57,6 +76,37 @@ def _gather_into(out, src, out_rows, src_rows):  # type: ignore[no-untyped-def]
             out[o, j] = src[r, j]
 
 
+@njit(cache=True, parallel=True)
+def _copy_into(out, src):  # type: ignore[no-untyped-def]
+    """out[:] = src for 2-D arrays of the same shape (both threads share the pages)."""
+    w = src.shape[1]
+    for t in prange(src.shape[0]):
+        for j in range(w):
+            out[t, j] = src[t, j]
+
+
+@dataclass
+class _Resolved:
+    """Where each row of one composed table comes from.
+
+    ``src_part is None``: every row comes from ``chain[0]`` in order (a single key-sorted
+    full part); else row ``t`` is ``chain[src_part[t]]`` row ``src_row[t]``."""
+
+    name: str
+    chain: Sequence[TablePart]
+    live: np.ndarray
+    src_part: np.ndarray | None
+    src_row: np.ndarray | None
+
+    @property
+    def rows(self) -> int:
+        return int(self.live.shape[0])
+
+    @property
+    def newest(self) -> TablePart:
+        return self.chain[-1]
+
+
 def _sorted_index(keys: np.ndarray, is_sorted: bool) -> tuple[np.ndarray, np.ndarray | None]:
     if is_sorted:
         return keys, None
@@ -64,41 +114,27 @@ def _sorted_index(keys: np.ndarray, is_sorted: bool) -> tuple[np.ndarray, np.nda
     return keys[order], order
 
 
-def _table_state(tp: TablePart, keys: np.ndarray, meta: np.ndarray, weights: np.ndarray,
-                 slots: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    sd: dict[str, Any] = {
-        "format": tp.format, "name": tp.name, "dim": tp.dim, "optimizer": tp.optimizer,
-        "keys": keys, "weights": weights,
-        "last_update": meta[:, 1], "update_count": meta[:, 2], "row_version": meta[:, 3],
-        "version": tp.version, "clock": tp.clock,
-        "pending": tp.pending.copy(), "deleted_keys": tp.deleted_keys.copy(),
-        "deleted_versions": tp.deleted_versions.copy(),
-    }
-    for s, a in slots.items():
-        sd[f"slot.{s}"] = a
-    if tp.filter is not None:
-        sd["filter.counters"] = tp.filter.copy()
-    for c in _COUNTERS:
-        sd[f"stat.{c}"] = tp.counters[c]
-    return sd
-
-
-def _compose_table(name: str, chain: Sequence[TablePart], base_id: int) -> dict[str, Any]:
+def _resolve(name: str, chain: Sequence[TablePart], base_id: int) -> _Resolved:
     newest = chain[-1]
     first = chain[0]
+    for tp in chain:
+        if set(tp.slots) != set(newest.slots):
+            raise CorruptDataError(f"table {name!r}: slots differ between chain parts "
+                                   f"({sorted(tp.slots)} vs {sorted(newest.slots)})")
     if len(chain) == 1:
         keys = first.meta[:, 0]
         if first.sorted:
             if keys.shape[0] > 1 and not (np.diff(keys) > 0).all():
                 raise CorruptDataError(f"table {name!r}: a sorted full part has unsorted keys")
-            return _table_state(first, np.ascontiguousarray(keys), first.meta, first.weights,
-                                dict(first.slots))
+            return _Resolved(name, chain, np.ascontiguousarray(keys), None, None)
         live = np.sort(keys)
         if live.shape[0] > 1 and not (np.diff(live) > 0).all():
             raise CorruptDataError(f"table {name!r}: duplicate keys in a full part")
     else:
         assert newest.live is not None
         live = np.sort(newest.live)
+        if live.shape[0] > 1 and not (np.diff(live) > 0).all():
+            raise CorruptDataError(f"table {name!r}: duplicate live keys in an increment")
     n = live.shape[0]
     src_part = np.full(n, -1, dtype=np.int32)
     src_row = np.empty(n, dtype=np.int64)
@@ -122,28 +158,81 @@ def _compose_table(name: str, chain: Sequence[TablePart], base_id: int) -> dict[
         raise CorruptDataError(
             f"table {name!r}: {todo.shape[0]} live keys are in no part of the chain "
             f"(broken chain on base snapshot {base_id})")
-    meta = np.empty((n, 4), dtype=np.int64)
-    weights = np.empty((n, newest.dim), dtype=np.float32)
-    slots = {s: np.empty((n, a.shape[1]), dtype=np.float32) for s, a in newest.slots.items()}
-    for j, tp in enumerate(chain):
-        out_rows = np.flatnonzero(src_part == j)
+    return _Resolved(name, chain, live, src_part, src_row)
+
+
+def _fill(res: _Resolved, meta: np.ndarray, weights: np.ndarray,
+          slots: Mapping[str, np.ndarray]) -> None:
+    """Gather every row of ``res`` into ``meta`` ``[n, 4]``, ``weights``, ``slots``."""
+    if res.src_part is None:  # one key-sorted full part: a straight copy
+        tp = res.chain[0]
+        if res.rows:
+            _copy_into(meta, tp.meta)
+            _copy_into(weights, tp.weights)
+            for s, out in slots.items():
+                _copy_into(out, tp.slots[s])
+        return
+    assert res.src_row is not None
+    for j, tp in enumerate(res.chain):
+        out_rows = np.flatnonzero(res.src_part == j)
         if not out_rows.shape[0]:
             continue
-        rows = src_row[out_rows]
+        rows = res.src_row[out_rows]
         _gather_into(meta, tp.meta, out_rows, rows)
         _gather_into(weights, tp.weights, out_rows, rows)
         for s, out in slots.items():
-            if s not in tp.slots:
-                raise CorruptDataError(f"table {name!r}: slot {s!r} missing in a chain part")
             _gather_into(out, tp.slots[s], out_rows, rows)
-    if not np.array_equal(meta[:, 0], live):
-        raise CorruptDataError(f"table {name!r}: composed keys do not match the live keys")
-    return _table_state(newest, live, meta, weights, slots)
+    if not np.array_equal(meta[:, 0], res.live):
+        raise CorruptDataError(f"table {res.name!r}: composed keys do not match the live keys")
 
 
-def compose(chain: Sequence[DecodedPart]) -> dict[str, Any]:
-    """The shard state dict at the newest part of ``chain`` (a full part first, then the
-    increments on top of it, oldest first)."""
+def _scalars(tp: TablePart) -> dict[str, Any]:
+    sd: dict[str, Any] = {
+        "format": tp.format, "name": tp.name, "dim": tp.dim, "optimizer": tp.optimizer,
+        "version": tp.version, "clock": tp.clock,
+        "pending": tp.pending.copy(), "deleted_keys": tp.deleted_keys.copy(),
+        "deleted_versions": tp.deleted_versions.copy(),
+    }
+    if tp.filter is not None:
+        sd["filter.counters"] = tp.filter.copy()
+    for c in _COUNTERS:
+        sd[f"stat.{c}"] = tp.counters[c]
+    return sd
+
+
+def _columns(sd: MutableMapping[str, Any], keys: np.ndarray, meta: np.ndarray,
+             weights: np.ndarray, slots: Mapping[str, np.ndarray]) -> None:
+    sd.update({"keys": keys, "weights": weights, "last_update": meta[:, 1],
+               "update_count": meta[:, 2], "row_version": meta[:, 3]})
+    for s, a in slots.items():
+        sd[f"slot.{s}"] = a
+
+
+def _table_state(res: _Resolved, stage: Stage | None) -> MutableMapping[str, Any]:
+    tp, n = res.newest, res.rows
+    staged = stage(res.name, n) if stage is not None else None
+    if staged is not None and (staged.meta.shape != (n, 4) or staged.weights.shape != (
+            n, tp.dim) or {s: a.shape for s, a in staged.slots.items()} != {
+            s: (n, a.shape[1]) for s, a in tp.slots.items()}):
+        staged = None  # the part does not fit the table: new arrays (its load will say why)
+    if staged is not None:
+        _fill(res, staged.meta, staged.weights, staged.slots)
+        staged.update(_scalars(tp))
+        staged["keys"] = res.live  # equal to the key column (checked by _fill), contiguous
+        return staged  # type: ignore[no-any-return]
+    sd = _scalars(tp)
+    if res.src_part is None:  # views of the part, no copy
+        _columns(sd, res.live, tp.meta, tp.weights, dict(tp.slots))
+        return sd
+    meta = np.empty((n, 4), dtype=np.int64)
+    weights = np.empty((n, tp.dim), dtype=np.float32)
+    slots = {s: np.empty((n, a.shape[1]), dtype=np.float32) for s, a in tp.slots.items()}
+    _fill(res, meta, weights, slots)
+    _columns(sd, res.live, meta, weights, slots)
+    return sd
+
+
+def _check_chain(chain: Sequence[DecodedPart]) -> None:
     if not chain:
         raise CorruptDataError("empty chain")
     if chain[0].kind != "full":
@@ -159,11 +248,71 @@ def compose(chain: Sequence[DecodedPart]) -> dict[str, Any]:
             raise CorruptDataError(
                 f"chain mixes shards or tables: shard {p.shard_id} tables {sorted(p.tables)} "
                 f"vs shard {newest.shard_id} tables {sorted(newest.tables)}")
-    tables = {name: _compose_table(name, [p.tables[name] for p in chain], newest.base_id)
-              for name in newest.tables}
+
+
+def _resolve_all(chain: Sequence[DecodedPart]) -> list[_Resolved]:
+    _check_chain(chain)
+    newest = chain[-1]
+    return [_resolve(name, [p.tables[name] for p in chain], newest.base_id)
+            for name in newest.tables]
+
+
+def compose(chain: Sequence[DecodedPart], stage: Stage | None = None) -> dict[str, Any]:
+    """The shard state dict at the newest part of ``chain`` (a full part first, then the
+    increments on top of it, oldest first).
+
+    ``stage(name, rows)`` may return a staged table state to compose that table into (see
+    the module docstring); the returned state then holds it for ``PSShard.load_state_dict``.
+    """
+    resolved = _resolve_all(chain)
+    newest = chain[-1]
     return {"format": _SHARD_FORMAT, "shard_id": newest.shard_id,
             "num_shards": newest.num_shards, "routing_version": newest.routing_version,
-            "tables": tables}
+            "tables": {r.name: _table_state(r, stage) for r in resolved}}
+
+
+def compose_frame(chain: Sequence[DecodedPart], snapshot_id: int, step: int,
+                  alloc: Callable[[int], Any] | None = None,
+                  extra_meta: Mapping[str, Any] | None = None) -> memoryview:
+    """A full, key-sorted part frame of ``chain`` composed straight into the buffer
+    ``alloc(nbytes)`` returns (a shared-memory segment; default a ``bytearray``): the same
+    bytes as ``encode_shard_state(compose(chain), ...)`` without the intermediate state."""
+    from monolith_py.snapshot.pspart import PS_PART_FORMAT, _table_specs
+
+    resolved = _resolve_all(chain)
+    newest = chain[-1]
+    specs: list[tuple[str, Any, tuple[int, ...]]] = []
+    tmeta = []
+    smalls = []
+    for i, r in enumerate(resolved):
+        tp = r.newest
+        small = {"pending": tp.pending, "dk": tp.deleted_keys, "dv": tp.deleted_versions}
+        if tp.filter is not None:
+            small["filter"] = tp.filter
+        slots = {s: int(a.shape[1]) for s, a in tp.slots.items()}
+        specs += _table_specs(i, tp.dim, slots, r.rows, None, small)
+        tmeta.append({"name": r.name, "dim": int(tp.dim), "optimizer": tp.optimizer,
+                      "format": tp.format, "slots": slots, "version": int(tp.version),
+                      "clock": int(tp.clock),
+                      "counters": {c: int(tp.counters[c]) for c in _COUNTERS},
+                      "size": r.rows, "since": -1, "sorted": True})
+        smalls.append(small)
+    from monolith_py.wire import plan_frame
+
+    meta = {"format": PS_PART_FORMAT, "kind": "full", "snapshot_id": int(snapshot_id),
+            "step": int(step), "base_id": -1, "shard_id": int(newest.shard_id),
+            "num_shards": int(newest.num_shards),
+            "routing_version": int(newest.routing_version), "tables": tmeta,
+            **dict(extra_meta or {})}
+    plan = plan_frame(specs, meta)
+    buf = (alloc(plan.nbytes) if alloc is not None else None) or bytearray(plan.nbytes)
+    for i, (r, small) in enumerate(zip(resolved, smalls)):
+        _fill(r, plan.array(buf, f"t{i}.meta"), plan.array(buf, f"t{i}.w"),
+              {s: plan.array(buf, f"t{i}.s.{s}") for s in r.newest.slots})
+        for name, arr in small.items():
+            plan.array(buf, f"t{i}.{name}")[...] = arr
+    plan.finish(buf)
+    return memoryview(buf).cast("B")[: plan.nbytes]
 
 
 def shard_state(part: DecodedPart) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def compact(self: SnapshotStore, man: Manifest, p: str) -> None:
     place it, and broadcast its record (on the store's worker thread)."""
     from monolith_py.snapshot.store import _Blob
 
-    from monolith_py.snapshot.compose import compose
+    from monolith_py.snapshot.compose import compose_frame
     from monolith_py.snapshot.pspart import decode_part, encode_shard_state
 
     sid = man.snapshot_id
@@ -39,26 +39,31 @@ def compact(self: SnapshotStore, man: Manifest, p: str) -> None:
         if key in self._records or sid not in self._manifests:
             return
     t0 = time.perf_counter()
+    segs: list[Segment] = []
+
+    def alloc(n: int) -> memoryview:
+        segs.append(self.pool.create(n))
+        return segs[-1].view
+
+    extra = {"participant": p, "composed": True}
+    pins: list[PartKey] = []
     try:
-        chain = self._local_chain(man, p)
+        chain = local_chain(self, man, p, pins)
         if chain is None:
             if self.chain_reader is None:
                 log.info("SMP %d: %s chain of snapshot %d not all local; compaction skipped",
                          self.config.host_id, p, sid)
                 return
             state = self.chain_reader(man, p)
-        else:
-            state = compose([decode_part(f) for f in chain])
-        fault_point("smp.compact")
-        segs: list[Segment] = []
-
-        def alloc(n: int) -> memoryview:
-            segs.append(self.pool.create(n))
-            return segs[-1].view
-
-        frame = encode_shard_state(state, sid, man.step, alloc=alloc,
-                                   extra_meta={"participant": p, "composed": True})
-        del state
+            fault_point("smp.compact")
+            frame = encode_shard_state(state, sid, man.step, alloc=alloc, extra_meta=extra)
+            del state
+        else:  # composed straight into the new part's segment: no intermediate state
+            fault_point("smp.compact")
+            frame = compose_frame([decode_part(f) for f in chain], sid, man.step,
+                                  alloc=alloc, extra_meta=extra)
+        del chain
+        _unpin(self, pins)
         blob = _Blob(segs[0], frame.nbytes)
         with self._mu:
             old = self._parts.pop(key, None)
@@ -79,10 +84,20 @@ def compact(self: SnapshotStore, man: Manifest, p: str) -> None:
     except Exception as exc:
         log.warning("SMP %d: compaction of %s at %d failed: %s: %s", self.config.host_id,
                     p, sid, type(exc).__name__, exc)
+        with self._mu:
+            adopted = {id(b.seg) for b in self._parts.values()}
+        for seg in segs:  # a segment not adopted as a part goes back to the pool
+            if id(seg) not in adopted:
+                self.pool.release(seg)
+    finally:
+        _unpin(self, pins)
 
-def local_chain(self: SnapshotStore, man: Manifest, p: str) -> list[memoryview] | None:
+def local_chain(self: SnapshotStore, man: Manifest, p: str,
+                pins: list[PartKey] | None = None) -> list[memoryview] | None:
     """Frames base-first (from the newest composed full part in the chain, if any), all
-    from local home parts whose crc matches, or ``None``."""
+    from local home parts whose crc matches, or ``None``. With ``pins``, the parts are
+    pinned (retention keeps their segments) and their keys appended to it: unpin them
+    with :func:`_unpin` when done reading."""
     chain = list(man.chain(p))
     with self._mu:
         for i in range(len(chain) - 1, -1, -1):
@@ -96,7 +111,20 @@ def local_chain(self: SnapshotStore, man: Manifest, p: str) -> list[memoryview] 
             if blob is None or blob.size != rec.size or crc32c.crc32c(blob.view) != rec.crc:
                 return None
             frames.append(blob.view)
+        if pins is not None:
+            for rec in chain:
+                self._pins[rec.key] = self._pins.get(rec.key, 0) + 1
+                pins.append(rec.key)
     return frames
+
+
+def _unpin(self: SnapshotStore, keys: list[PartKey]) -> None:
+    with self._mu:
+        for k in keys:
+            self._pins[k] -= 1
+            if not self._pins[k]:
+                del self._pins[k]
+    keys.clear()
 
 
 def _rebuild(self: SnapshotStore, rec: Any, records: list[PartRecord],

@@ -243,7 +243,8 @@ class PSParticipant:
                        job=self.job)
         try:
             restored = rec.restore(self.name, snapshot_id,
-                                   num_shards=num_shards or self.shard.num_shards)
+                                   num_shards=num_shards or self.shard.num_shards,
+                                   stage=self._stage)
             self.shard.load_state_dict(restored.state)
         finally:
             rec.close()
@@ -251,6 +252,15 @@ class PSParticipant:
         self._inc_sizes = []
         self._shipper.put("lease")  # the next part is full: lease for its size
         return restored
+
+    def _stage(self, table: str, rows: int) -> Any:
+        """Compose a restored table straight into a staged arena of the shard's table (the
+        load then adopts it: the rows are written once)."""
+        t = self.shard.tables.get(table)
+        if t is None or not hasattr(t, "staged_state"):
+            return None
+        with self.shard.lock:
+            return t.staged_state(rows)
 
     # -- gRPC --------------------------------------------------------------------------------------
 

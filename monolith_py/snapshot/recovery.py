@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,22 +41,24 @@ from monolith_py.errors import (
     NoValidSnapshotError,
     SnapshotError,
 )
-from monolith_py.snapshot.codec import decode_part as ec_decode
+from monolith_py.snapshot._fetch import fetch_decoded, fetch_whole
+from monolith_py.snapshot.compose import Stage
 from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
 from monolith_py.snapshot.shm import attach
 
-__all__ = ["PartSource", "Catalog", "Restored", "Recovery", "READ_CHUNK"]
+__all__ = ["PartSource", "Catalog", "Restored", "Recovery"]
 
 log = logging.getLogger("monolith.snapshot.recovery")
-
-READ_CHUNK = 8 << 20
 
 
 class PartSource(Protocol):
     """What recovery needs from one SMP (the gRPC client, or a store in-process).
 
     Every method may raise :class:`~monolith_py.errors.UnavailableError` when the SMP does
-    not answer; ``None`` means "not held here".
+    not answer; ``None`` means "not held here". Sources may also offer
+    ``stream_block(key, sink, size_hint=)`` and ``stream_part(key, sink, size_hint=)``
+    (``sink(offset, chunk)`` per chunk; returning the size or ``None``), which restores use
+    instead of whole-block reads.
     """
 
     def catalog(self) -> dict[str, Any]: ...
@@ -116,7 +117,8 @@ class Recovery:
         local_host: this process's host (its SMP is tried first and mapped zero-copy).
         checkpoint_dir: where universal checkpoints live (the last resort).
         job: accept only manifests of this job (``None``: any).
-        decode_threads: threads for erasure decoding.
+        decode_threads: unused (kept for compatibility): erasure decoding runs stripe by
+            stripe while the blocks stream in.
     """
 
     def __init__(self, sources: Mapping[int, PartSource], local_host: int | None = None, *,
@@ -215,56 +217,11 @@ class Recovery:
         return view
 
     def _remote(self, src: PartSource, rec: PartRecord, why: list[str]) -> memoryview | None:
-        buf = bytearray(rec.size)
-        try:
-            for off in range(0, rec.size, READ_CHUNK):
-                n = min(READ_CHUNK, rec.size - off)
-                chunk = src.read_part(rec.key, off, n)
-                if chunk is None or len(chunk) != n:
-                    why.append(f"host {rec.home} has no whole copy")
-                    return None
-                buf[off: off + n] = chunk
-        except MonolithError as exc:
-            why.append(f"host {rec.home} unavailable ({type(exc).__name__})")
-            return None
-        if crc32c.crc32c(buf) != rec.crc:
-            why.append(f"host {rec.home} copy corrupt")
-            return None
-        return memoryview(buf)
+        return fetch_whole(src, rec, why)
 
     def _decode(self, rec: PartRecord, why: list[str]) -> memoryview | None:
-        bs = rec.block_size
-        good: dict[int, bytes] = {}
-        order = sorted(range(rec.m), key=lambda i: (i >= rec.k, i))  # data blocks first
-
-        def fetch(i: int) -> tuple[int, bytes | None, str | None]:
-            host = rec.placement[i]
-            src = self.sources.get(host)
-            if src is None:
-                return i, None, f"block {i}: host {host} not in the group"
-            try:
-                blk = src.get_block((*rec.key, i))
-            except MonolithError as exc:
-                return i, None, f"block {i}: host {host} unavailable ({type(exc).__name__})"
-            if blk is None:
-                return i, None, f"block {i}: missing on host {host}"
-            if len(blk) != bs or crc32c.crc32c(blk) != rec.block_crcs[i]:
-                return i, None, f"block {i} on host {host} corrupt: excluded"
-            return i, blk, None
-
-        while order and len(good) < rec.k:  # fetch as many as still needed, in parallel
-            want, order = order[: rec.k - len(good)], order[rec.k - len(good):]
-            with ThreadPoolExecutor(max_workers=len(want)) as pool:
-                for i, blk, problem in pool.map(fetch, want):
-                    if blk is not None:
-                        good[i] = blk
-                    else:
-                        why.append(str(problem))
-        if len(good) < rec.k:
-            why.append(f"only {len(good)} of the {rec.k} blocks needed")
-            return None
-        data = ec_decode(good, rec.k, rec.m, rec.size, threads=self.decode_threads)
-        if crc32c.crc32c(data) != rec.crc:
+        data = fetch_decoded(self.sources, rec, why)
+        if data is not None and crc32c.crc32c(data) != rec.crc:
             why.append("decoded part fails its crc")
             return None
         return data
@@ -282,7 +239,7 @@ class Recovery:
             parts.append(part)
         return parts
 
-    def _ps_state(self, cat: Catalog, p: str, man: Manifest) -> Any:
+    def _ps_state(self, cat: Catalog, p: str, man: Manifest, stage: Stage | None) -> Any:
         """Compose ``p``'s chain at ``man``, starting from the newest composed full part an
         SMP recorded in the chain (if it reads), else from the chain's own full part."""
         from monolith_py.snapshot.compose import compose
@@ -292,21 +249,22 @@ class Recovery:
             full = cat.records.get((p, chain[i].snapshot_id, "full"))
             if full is not None and full.key != chain[i].key:
                 try:
-                    return compose(self._decode_chain([full, *chain[i + 1:]]))
+                    return compose(self._decode_chain([full, *chain[i + 1:]]), stage)
                 except MonolithError as exc:
                     self._note(f"{p}: composed full part of {chain[i].snapshot_id} unusable "
                                f"({exc}); trying the chain")
                 break
-        return compose(self._decode_chain(chain))
+        return compose(self._decode_chain(chain), stage)
 
-    def _build(self, cat: Catalog, man: Manifest, p: str) -> Restored:
+    def _build(self, cat: Catalog, man: Manifest, p: str, stage: Stage | None = None
+               ) -> Restored:
         from monolith_py.snapshot.trainerpart import decode_trainer_part
 
         rec = man.parts.get(p)
         if rec is None:
             raise SnapshotError(f"snapshot {man.snapshot_id} has no part for {p}")
         if p.startswith("ps/"):
-            state: Any = self._ps_state(cat, p, man)
+            state: Any = self._ps_state(cat, p, man, stage)
             meta: dict[str, Any] = {}
         else:
             state, meta = decode_trainer_part(self.part_bytes(rec))
@@ -314,12 +272,15 @@ class Recovery:
                         log=list(self.steps))
 
     def restore(self, participant: str, snapshot_id: int | None = None, *,
-                num_shards: int | None = None, catalog: Catalog | None = None) -> Restored:
+                num_shards: int | None = None, catalog: Catalog | None = None,
+                stage: Stage | None = None) -> Restored:
         """The state of ``participant`` at ``snapshot_id`` (``None``: the newest sealed one
         that rebuilds), falling back to the newest intact disk checkpoint.
 
         ``num_shards`` is the job's shard count (for a PS participant restored from a
-        universal checkpoint; default: the checkpoint's own).
+        universal checkpoint; default: the checkpoint's own). ``stage(table, rows)``: see
+        :func:`~monolith_py.snapshot.compose.compose` (a PS state from the SMPs is then
+        composed straight into the tables' staged arenas).
         """
         check_participant(participant)
         self.steps = []
@@ -335,7 +296,7 @@ class Recovery:
                 continue
             try:
                 try:
-                    out = self._build(cat, man, participant)
+                    out = self._build(cat, man, participant, stage)
                 except MonolithError as first:
                     # the SMPs may have moved on (a composed full part replaced a chain
                     # since the catalog was read): read the catalog again, once
@@ -344,7 +305,7 @@ class Recovery:
                     cat = self.catalog()
                     if man.snapshot_id not in cat.manifests:
                         raise
-                    out = self._build(cat, cat.manifests[man.snapshot_id], participant)
+                    out = self._build(cat, cat.manifests[man.snapshot_id], participant, stage)
                 self._note(f"{participant}: restored snapshot {man.snapshot_id} (step "
                            f"{man.step}) from SMPs")
                 out.log = list(self.steps)

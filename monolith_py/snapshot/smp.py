@@ -21,7 +21,16 @@ Seal          (manifest)                                  snapshot_id
 PutRecord     record                                      (empty)
 Catalog       (empty)                                     records (m0, m1, ...)
 Stats         (empty)                                     stats
+StreamBlock   participant, snapshot_id, kind, index,      a stream: meta {found, size},
+              chunk                                       then raw chunks of the block
+StreamPart    participant, snapshot_id, kind, chunk       the same for the whole part
 ============  ==========================================  ===============================
+
+Restores stream blocks and parts (``StreamBlock``/``StreamPart``): chunks of
+:data:`~monolith_py.snapshot.store.STREAM_CHUNK` bytes, each handed to the caller's sink
+as it arrives (no frame or checksum per chunk: the caller checks the whole block's crc32c
+against the sealed manifest), so a 1 GiB part moves at ~1 GB/s instead of the ~0.1 GB/s
+of 32 MiB unary reads.
 
 Bad requests get ``INVALID_ARGUMENT`` (and are counted by the store); a missing peer is
 ``UNAVAILABLE`` on the client side (:class:`~monolith_py.errors.UnavailableError`).
@@ -37,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -46,6 +55,7 @@ import numpy as np
 
 from monolith_py.errors import (
     ConfigError,
+    CorruptDataError,
     DeadlineExceededError,
     DecodeError,
     InvalidInputError,
@@ -54,7 +64,7 @@ from monolith_py.errors import (
     UnavailableError,
 )
 from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
-from monolith_py.snapshot.store import BlockKey, SMPConfig, SnapshotStore
+from monolith_py.snapshot.store import STREAM_CHUNK, BlockKey, SMPConfig, SnapshotStore
 from monolith_py.wire import WireLimits, decode_arrays, encode_arrays
 
 __all__ = ["SMPServer", "SMPClient", "GrpcPeers", "SERVICE", "MAX_MESSAGE_BYTES",
@@ -64,7 +74,7 @@ log = logging.getLogger("monolith.snapshot.smp")
 
 SERVICE = "monolith.snapshot.v1.SMP"
 MAX_MESSAGE_BYTES = 64 << 20
-_CHUNK = 32 << 20
+_CHUNK = 8 << 20  # ranged unary reads (whole blocks and parts are streamed)
 _LIMITS = WireLimits(max_header_bytes=4 << 20, max_arrays=1 << 16,
                      max_total_bytes=MAX_MESSAGE_BYTES, max_ndim=2)
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -125,9 +135,11 @@ class SMPServer:
             "ReadPart": self._read_part, "Seal": self._seal, "PutRecord": self._put_record,
             "Catalog": self._catalog, "Stats": self._stats,
         }
-        generic = grpc.method_handlers_generic_handler(SERVICE, {
-            name: grpc.unary_unary_rpc_method_handler(self._wrap(name, fn))
-            for name, fn in handlers.items()})
+        methods = {name: grpc.unary_unary_rpc_method_handler(self._wrap(name, fn))
+                   for name, fn in handlers.items()}
+        methods["StreamBlock"] = grpc.unary_stream_rpc_method_handler(self._stream_block)
+        methods["StreamPart"] = grpc.unary_stream_rpc_method_handler(self._stream_part)
+        generic = grpc.method_handlers_generic_handler(SERVICE, methods)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers,
                                        thread_name_prefix=f"smp{config.host_id}"),
@@ -237,6 +249,31 @@ class SMPServer:
         data = self.store.get_block(key, _int(m, "offset"), _int(m, "length"))
         return _frame({"found": data is not None}, **({} if data is None else {"data": data}))
 
+    def _stream_block(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        def open_(m: dict[str, Any]) -> Any:
+            return self.store.open_block((*_key(m), _int(m, "index")))
+        yield from self._stream(request, context, open_)
+
+    def _stream_part(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from self._stream(request, context, lambda m: self.store.open_part(_key(m)))
+
+    def _stream(self, request: bytes, context: grpc.ServicerContext,
+                open_: Callable[[dict[str, Any]], Any]) -> Iterator[bytes]:
+        try:
+            _, m = decode_arrays(request, limits=_LIMITS, require_checksum=True)
+            chunk = min(max(_int(m, "chunk", 1), 64 << 10), 16 << 20)
+            reader = open_(m)
+        except (DecodeError, InvalidInputError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"SMP: {exc}"[:4000])
+            return
+        if reader is None:
+            yield _frame({"found": False})
+            return
+        with reader as view:  # pinned until the stream ends or is cancelled
+            yield _frame({"found": True, "size": view.nbytes})
+            for lo in range(0, view.nbytes, chunk):
+                yield bytes(view[lo: lo + chunk])
+
     def _part_location(self, a: Any, m: dict[str, Any]) -> bytes:
         return _frame({"location": self.store.part_location(_key(m))})
 
@@ -282,6 +319,18 @@ class SMPClient:
     def close(self) -> None:
         self._channel.close()
 
+    def _error(self, method: str, exc: grpc.RpcError) -> MonolithError:
+        code = exc.code() if hasattr(exc, "code") else None
+        detail = exc.details() if hasattr(exc, "details") else str(exc)
+        where = f"SMP {self.address} {method}"
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            return UnavailableError(f"{where}: {detail}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceededError(f"{where}: {detail}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidInputError(f"{where}: {detail}")
+        return SnapshotError(f"{where}: {code}: {detail}")
+
     def _call(self, method: str, request: bytes, timeout_s: float | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         stub = self._stubs.get(method)
@@ -291,17 +340,61 @@ class SMPClient:
         try:
             raw = stub(request, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            detail = exc.details() if hasattr(exc, "details") else str(exc)
-            where = f"SMP {self.address} {method}"
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                raise UnavailableError(f"{where}: {detail}") from None
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceededError(f"{where}: {detail}") from None
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidInputError(f"{where}: {detail}") from None
-            raise SnapshotError(f"{where}: {code}: {detail}") from None
+            raise self._error(method, exc) from None
         return decode_arrays(raw, limits=_LIMITS, require_checksum=True)
+
+    def _stream(self, method: str, meta: dict[str, Any],
+                sink: Callable[[int, memoryview], None], size_hint: int | None) -> int | None:
+        """Run a streaming read: ``sink(offset, chunk)`` per chunk; the size streamed, or
+        ``None`` when the SMP does not hold it. A stream longer or shorter than it
+        announced raises :class:`CorruptDataError`."""
+        stub = self._stubs.get(method)
+        if stub is None:
+            stub = self._channel.unary_stream(f"/{SERVICE}/{method}")
+            self._stubs[method] = stub
+        timeout = self.timeout_s + (size_hint or 0) / 20e6  # generous: >= 20 MB/s
+        call = stub(_frame({**meta, "chunk": STREAM_CHUNK}), timeout=timeout)
+        try:
+            try:
+                _, head = decode_arrays(next(call), limits=_LIMITS, require_checksum=True)
+            except StopIteration:
+                raise CorruptDataError(f"SMP {self.address} {method}: empty stream") from None
+            if not head.get("found"):
+                return None
+            size = _int(head, "size")
+            pos = 0
+            for msg in call:
+                n = len(msg)
+                if pos + n > size:
+                    raise CorruptDataError(f"SMP {self.address} {method}: more than the "
+                                           f"{size} bytes announced")
+                sink(pos, memoryview(msg))
+                pos += n
+            if pos != size:
+                raise CorruptDataError(f"SMP {self.address} {method}: stream ended at {pos} "
+                                       f"of {size} bytes")
+            return size
+        except grpc.RpcError as exc:
+            raise self._error(method, exc) from None
+        except InvalidInputError as exc:  # a malformed head
+            raise CorruptDataError(f"SMP {self.address} {method}: {exc}") from None
+        finally:
+            call.cancel()  # no-op once complete; stops the server on an early exit
+
+    def stream_block(self, key: BlockKey, sink: Callable[[int, memoryview], None],
+                     size_hint: int | None = None) -> int | None:
+        """Stream block ``key`` into ``sink(offset, chunk)``; its size, or ``None`` when
+        not held there. ``size_hint`` (the expected size) sets the deadline."""
+        p, sid, kind, idx = key
+        return self._stream("StreamBlock", {"participant": p, "snapshot_id": sid,
+                                            "kind": kind, "index": idx}, sink, size_hint)
+
+    def stream_part(self, key: PartKey, sink: Callable[[int, memoryview], None],
+                    size_hint: int | None = None) -> int | None:
+        """Stream the whole part ``key`` (see :meth:`stream_block`)."""
+        p, sid, kind = key
+        return self._stream("StreamPart", {"participant": p, "snapshot_id": sid,
+                                           "kind": kind}, sink, size_hint)
 
     # -- participant side ------------------------------------------------------------------------
 
@@ -343,7 +436,12 @@ class SMPClient:
         self._call("PutRecord", _frame({"record": record.to_json()}))
 
     def get_block(self, key: BlockKey, offset: int = 0, length: int | None = None) -> bytes | None:
-        """The block (assembled from chunked reads), or ``None`` when not held there."""
+        """The block (streamed whole; a range by chunked reads), or ``None`` when not held
+        there."""
+        if offset == 0 and length is None:
+            parts_: list[bytes] = []
+            size = self.stream_block(key, lambda off, chunk: parts_.append(bytes(chunk)))
+            return None if size is None else b"".join(parts_)
         p, sid, kind, idx = key
         parts: list[np.ndarray] = []
         off = offset

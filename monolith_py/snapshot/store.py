@@ -56,7 +56,8 @@ from monolith_py.snapshot.shm import Segment, SegmentPool, default_shm_root
 from monolith_py.testing.faults import fault_point
 from monolith_py.wire import decode_arrays
 
-__all__ = ["SMPConfig", "SnapshotStore", "Peers", "BlockKey", "block_frame", "decode_block_frame"]
+__all__ = ["SMPConfig", "SnapshotStore", "Peers", "BlockKey", "block_frame", "decode_block_frame",
+           "STREAM_CHUNK"]
 
 log = logging.getLogger("monolith.snapshot.store")
 
@@ -458,6 +459,51 @@ class SnapshotStore:
                 return bytes(memoryview(blk)[offset:end])
         return None
 
+    def open_block(self, key: BlockKey) -> _Pinned | None:
+        """Block ``key`` held here, pinned until the returned context exits (its
+        ``__enter__`` gives a ``memoryview``); ``None`` when not held. Data blocks ``< k``
+        of a home part are views cut from the part (the padded last one a copy)."""
+        p, sid, kind, idx = key
+        with self._mu:
+            blob = self._blocks.get(key)
+            pin: Any = key
+            if blob is None and idx < self.config.k:
+                blob, pin = self._parts.get((p, sid, kind)), (p, sid, kind)
+                if blob is not None:
+                    self._pins[pin] = self._pins.get(pin, 0) + 1
+                    return _Pinned(self, pin, data_block(blob.view, idx, self.config.k))
+                return None
+            if blob is None:
+                return None
+            self._pins[pin] = self._pins.get(pin, 0) + 1
+        return _Pinned(self, pin, blob.view)
+
+    def open_part(self, key: PartKey) -> _Pinned | None:
+        """The whole part ``key``, pinned (see :meth:`open_block`), or ``None``."""
+        with self._mu:
+            blob = self._parts.get(key)
+            if blob is None:
+                return None
+            self._pins[key] = self._pins.get(key, 0) + 1
+        return _Pinned(self, key, blob.view)
+
+    def _unpin(self, key: Any) -> None:
+        with self._mu:
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
+
+    def stream_block(self, key: BlockKey, sink: Callable[[int, memoryview], None],
+                     size_hint: int | None = None) -> int | None:
+        """Hand block ``key`` to ``sink(offset, chunk)`` chunk by chunk; its size, or
+        ``None`` when not held (the in-process twin of ``SMPClient.stream_block``)."""
+        return _stream_to(self.open_block(key), sink)
+
+    def stream_part(self, key: PartKey, sink: Callable[[int, memoryview], None],
+                    size_hint: int | None = None) -> int | None:
+        """:meth:`stream_block` for the whole part."""
+        return _stream_to(self.open_part(key), sink)
+
     def part_location(self, key: PartKey) -> dict[str, Any] | None:
         """Where the whole part lies (same host: map it, zero copy)."""
         with self._mu:
@@ -634,6 +680,40 @@ class SnapshotStore:
         self._worker.join(timeout=30)
         self._send.shutdown(wait=False, cancel_futures=True)
         self.pool.close(remove_directory=True)
+
+
+STREAM_CHUNK = 4 << 20
+"""Bytes per message when blocks and parts are streamed (gRPC Python moved 1.0-1.3 GB/s
+between two processes here with 1-8 MiB messages, 0.3-0.4 GB/s with 32 MiB ones)."""
+
+
+class _Pinned:
+    """A pinned view of a stored block or part (retention keeps it while entered)."""
+
+    def __init__(self, store: SnapshotStore, pin: Any, view: Any) -> None:
+        self._store, self._pin, self._view = store, pin, memoryview(view).cast("B")
+        self._open = True
+
+    def __enter__(self) -> memoryview:
+        return self._view
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._store._unpin(self._pin)
+
+
+def _stream_to(reader: _Pinned | None, sink: Callable[[int, memoryview], None],
+               chunk: int = STREAM_CHUNK) -> int | None:
+    if reader is None:
+        return None
+    with reader as view:
+        for lo in range(0, view.nbytes, chunk):
+            sink(lo, view[lo: lo + chunk])
+        return view.nbytes
 
 
 def _data_chunk(view: memoryview, i: int, bs: int, lo: int, hi: int) -> Any:

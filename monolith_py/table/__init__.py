@@ -12,12 +12,14 @@ from monolith_py.table.cuckoo import CuckooHashMap
 from monolith_py.table.embedding import EmbeddingTable
 from monolith_py.table.expiry import expired
 from monolith_py.table.init import initial_rows
+from monolith_py.table.staging import StagedState
 
 __all__ = [
     "CuckooHashMap",
     "CountMinSketch",
     "EmbeddingTable",
     "OptimizerConfig",
+    "StagedState",
     "TableConfig",
     "TableDelta",
     "admit",

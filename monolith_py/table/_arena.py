@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from monolith_py.table._arrays import aligned_array
+from monolith_py.table._arrays import aligned_array, prefaulted_zeros
 from monolith_py.table._kernels import EMPTY, prefetch_row
 
 __all__: list[str] = []  # private module
@@ -102,6 +102,41 @@ class RowArena:
         self._nfree = 0
         self.high_water = 0  # rows [0, high_water) have ever been used
         self._grow_to(max(1, int(capacity)))
+
+    @classmethod
+    def for_load(cls, dim: int, slot_specs: dict[str, tuple[int, float]], n: int,
+                 capacity: int) -> RowArena:
+        """An arena of ``max(n, capacity)`` rows whose rows ``[0, n)`` are in use and
+        still zero, for a caller to write whole (a state load: each array is written once,
+        into pages mapped in one call); the rows above ``n`` are free room, as in a new
+        arena (key ``EMPTY``, slots at their initial values)."""
+        cap = max(1, int(n), int(capacity))
+        a = cls.__new__(cls)
+        a.dim = dim
+        a.slot_specs = dict(slot_specs)
+        a.capacity = cap
+        a.weights = prefaulted_zeros((cap, dim), np.float32)
+        a.slots = {}
+        for name, (width, init) in a.slot_specs.items():
+            arr = prefaulted_zeros((cap, width), np.float32)
+            if init != 0:
+                arr[n:] = init
+            a.slots[name] = arr
+        a.meta = prefaulted_zeros((cap, 4), np.int64)
+        a.meta[n:, KEY] = EMPTY
+        a.mark = np.full(cap, -1, dtype=np.int32)
+        a._free = np.empty(cap, dtype=np.int64)
+        a._nfree = 0
+        a.high_water = int(n)
+        return a
+
+    def reuse_for_load(self, n: int) -> bool:
+        """Turn a never-used arena with room for ``n`` rows into what :meth:`for_load`
+        returns (its pages are already mapped); False (unchanged) when it does not fit."""
+        if self.high_water or self._nfree or n > self.capacity:
+            return False
+        self.high_water = int(n)
+        return True
 
     # column views of meta
     @property

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from monolith_py.errors import InvalidInputError, InvalidTypeError
-from monolith_py.table._arena import RowArena, gather_rows, sum_by_row
+from monolith_py.table._arena import COUNT, KEY, LAST, VERSION, RowArena, gather_rows, sum_by_row
 from monolith_py.table._arrays import as_float_rows, as_keys, check_reserved, unique_sorted
 from monolith_py.table._state import STATE_FORMAT, check_state
 from monolith_py.table.admission import CountMinSketch, admit
@@ -21,6 +21,7 @@ from monolith_py.table.cuckoo import CuckooHashMap
 from monolith_py.table.expiry import expired
 from monolith_py.table.init import INIT_KINDS, init_rows
 from monolith_py.table.optim import apply_optimizer, new_scratch, slot_specs
+from monolith_py.table.staging import StagedState
 
 __all__ = ["EmbeddingTable"]
 
@@ -392,26 +393,49 @@ class EmbeddingTable:
             sd[f"stat.{name}"] = value
         return sd
 
+    def staged_state(self, rows: int) -> StagedState:
+        """An empty state of ``rows`` rows to fill in place: its row arrays are views of a
+        new row arena sized for this table (``max(rows, initial_capacity)`` rows), so
+        :meth:`load_state_dict` adopts them instead of copying (a restore writes the rows
+        once). An empty table whose arena was never used and has room lends that arena
+        (its pages are mapped already) and keeps a one-row one until the load. See
+        :class:`~monolith_py.table.staging.StagedState`; the table's contents are unchanged
+        until the state is loaded."""
+        n = _as_int(rows, "rows")
+        if n < 0:
+            raise InvalidInputError(f"rows must be >= 0, got {n}")
+        arena = self._arena
+        if len(self) == 0 and arena.reuse_for_load(n):
+            # an empty table lends its arena (pages already mapped) and keeps a minimal one
+            self._arena = RowArena(self._dim, self._specs, 1)
+            self._looked_up = None
+        else:
+            arena = RowArena.for_load(self._dim, self._specs, n, self._config.initial_capacity)
+        return StagedState(self, arena, n, {
+            "format": STATE_FORMAT, "name": self.name, "dim": self._dim,
+            "optimizer": self._config.optimizer.kind})
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the table's contents with ``state`` (from :meth:`state_dict`, possibly
-        another shard layout). Everything is validated first; on error the table is
-        unchanged."""
+        another shard layout, or a filled :meth:`staged_state`). Everything is validated
+        first; on error the table is unchanged."""
         s = check_state(state, self._dim, self._config.optimizer.kind, self._specs,
                         None if self._filter is None else self._filter.state_dict()["counters"])
         keys = s["keys"]
         n = keys.shape[0]
         index = CuckooHashMap(max(self._config.initial_capacity, 1), self._config.max_load_factor)
         index.reserve(n)
-        arena = RowArena(self._dim, self._specs, max(n, self._config.initial_capacity))
-        rows = arena.alloc(n)
-        index.insert_or_assign(keys, rows)
-        arena.key[rows] = keys
-        arena.weights[rows] = s["weights"]
-        for name in self._specs:
-            arena.slots[name][rows] = s[f"slot.{name}"]
-        arena.last_update[rows] = s["last_update"]
-        arena.update_count[rows] = s["update_count"]
-        arena.version[rows] = s["row_version"]
+        index.insert_or_assign(keys, np.arange(n, dtype=np.int64))
+        arena = state.take_arena(self) if isinstance(state, StagedState) else None
+        if arena is None:  # copy: each array written once, into pages mapped in one call
+            arena = RowArena.for_load(self._dim, self._specs, n, self._config.initial_capacity)
+            arena.meta[:n, KEY] = keys
+            arena.meta[:n, LAST] = s["last_update"]
+            arena.meta[:n, COUNT] = s["update_count"]
+            arena.meta[:n, VERSION] = s["row_version"]
+            arena.weights[:n] = s["weights"]
+            for name in self._specs:
+                arena.slots[name][:n] = s[f"slot.{name}"]
         log = DeletionLog()
         if s["deleted_keys"].shape[0]:
             log.keys.append(s["deleted_keys"].copy())
