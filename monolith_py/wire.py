@@ -258,8 +258,13 @@ def decode_arrays(
     limits: WireLimits = DEFAULT_LIMITS,
     copy: bool = False,
     require_checksum: bool = False,
+    verified: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Decode a frame made by :func:`encode_arrays`.
+
+    ``verified``: the caller has already checked these exact bytes against a checksum it
+    trusts (e.g. a sealed manifest's crc of the whole frame); the payload checksum is then
+    not computed again (its presence is still required when ``require_checksum``).
 
     Returns:
         ``(arrays, meta)``; arrays are read-only views over ``buf`` unless ``copy``.
@@ -297,7 +302,7 @@ def decode_arrays(
         raise _fail(f"{len(entries)} arrays exceeds the limit of {limits.max_arrays}")
     payload = mv[payload_start:]
     if flags & _FLAG_CHECKSUM:
-        if crc32c.crc32c(payload) != crc:
+        if not verified and crc32c.crc32c(payload) != crc:
             raise CorruptDataError("bad array frame: payload checksum mismatch")
     elif require_checksum:
         raise CorruptDataError("bad array frame: checksum required but absent")

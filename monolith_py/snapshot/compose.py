@@ -85,6 +85,24 @@ def _copy_into(out, src):  # type: ignore[no-untyped-def]
             out[t, j] = src[t, j]
 
 
+@njit(cache=True)
+def _match_sorted(sk, want):  # type: ignore[no-untyped-def]
+    """For each of the increasing ``want``, its index in the increasing ``sk`` or -1 (one
+    merge pass: linear, where a binary search per key would be n log n)."""
+    out = np.full(want.shape[0], -1, dtype=np.int64)
+    i = 0
+    n = sk.shape[0]
+    for t in range(want.shape[0]):
+        w = want[t]
+        while i < n and sk[i] < w:
+            i += 1
+        if i == n:
+            break
+        if sk[i] == w:
+            out[t] = i
+    return out
+
+
 @dataclass
 class _Resolved:
     """Where each row of one composed table comes from.
@@ -143,10 +161,8 @@ def _resolve(name: str, chain: Sequence[TablePart], base_id: int) -> _Resolved:
         if not todo.shape[0]:
             break
         sk, order = _sorted_index(chain[j].meta[:, 0], chain[j].sorted)
-        want = live[todo]
-        pos = np.searchsorted(sk, want)
-        hit = pos < sk.shape[0]
-        hit[hit] = sk[pos[hit]] == want[hit]
+        pos = _match_sorted(np.ascontiguousarray(sk), live[todo])  # both increasing
+        hit = pos >= 0
         found = todo[hit]
         src_part[found] = j
         src_row[found] = pos[hit] if order is None else order[pos[hit]]

@@ -346,9 +346,11 @@ def _req_int(d: Mapping[str, Any], name: str, lo: int = -(1 << 63)) -> int:
     return v
 
 
-def decode_part(buf: Any) -> DecodedPart:
-    """Validate and decode a PS part frame (zero copy; checksum required)."""
-    arrays, meta = decode_arrays(buf, require_checksum=True)
+def decode_part(buf: Any, verified: bool = False) -> DecodedPart:
+    """Validate and decode a PS part frame (zero copy; checksum required). ``verified``:
+    the bytes were already checked against the sealed manifest's crc of the whole part
+    (the frame's own payload checksum is then not computed a second time)."""
+    arrays, meta = decode_arrays(buf, require_checksum=True, verified=verified)
     if meta.get("format") != PS_PART_FORMAT or meta.get("kind") not in ("full", "inc"):
         raise _bad(f"format {meta.get('format')!r} / kind {meta.get('kind')!r}")
     kind = meta["kind"]

@@ -220,11 +220,8 @@ class Recovery:
         return fetch_whole(src, rec, why)
 
     def _decode(self, rec: PartRecord, why: list[str]) -> memoryview | None:
-        data = fetch_decoded(self.sources, rec, why)
-        if data is not None and crc32c.crc32c(data) != rec.crc:
-            why.append("decoded part fails its crc")
-            return None
-        return data
+        # every data block was checked against its sealed crc32c (received or decoded)
+        return fetch_decoded(self.sources, rec, why)
 
     # -- chains and participants ---------------------------------------------------------------
 
@@ -233,7 +230,7 @@ class Recovery:
 
         parts = []
         for rec in recs:
-            part = decode_part(self.part_bytes(rec))
+            part = decode_part(self.part_bytes(rec), verified=True)  # crc checked there
             if part.snapshot_id != rec.snapshot_id or part.kind != rec.kind:
                 raise SnapshotError(f"{rec.participant}: part content does not match its record")
             parts.append(part)

@@ -64,6 +64,17 @@ def test_checksum_can_be_required() -> None:
         decode_arrays(buf, require_checksum=True)
 
 
+def test_verified_bytes_skip_the_second_checksum_pass_but_not_its_requirement() -> None:
+    buf = bytearray(encode_arrays({"rows": np.ones((64, 4), dtype=np.float32)}))
+    buf[-3] ^= 0x10  # as if the caller's own (e.g. manifest) crc had vouched for these bytes
+    assert decode_arrays(bytes(buf), verified=True)[0]["rows"].shape == (64, 4)
+    with pytest.raises(CorruptDataError):
+        decode_arrays(bytes(buf))
+    with pytest.raises(CorruptDataError, match="required"):
+        decode_arrays(encode_arrays({"a": np.arange(3)}, checksum=False),
+                      require_checksum=True, verified=True)
+
+
 def _frame_with_header(header: bytes, payload: bytes = b"") -> bytes:
     return struct.pack("<4sIII", b"MNF1", 0, len(header), 0) + header + payload
 
