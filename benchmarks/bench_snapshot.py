@@ -25,7 +25,10 @@ Reported:
   local host gone (blocks fetched from the two others and decoded). Both compose straight
   into the new shard's tables (as ``PSParticipant.restore`` does) and include building
   the cuckoo index; ``shard_start_s`` is the restarted shard's table allocation before
-  the restore (arena pages are mapped when a table is created, restore or not).
+  the restore (arena pages are mapped when a table is created, restore or not);
+  ``restore_chain_parts`` and ``restore_read_mb``: the parts the restore read (the newest
+  full part, composed by the SMP every ``--full-every`` increments, and the increments
+  since) and their bytes: a restore reads more than the state between two compactions.
 * ``disk_checkpoint_s``: universal checkpoint of the newest snapshot (read from the SMPs,
   written with fsync). Anchors on the same state (a dict of tensors): ``torch_save_s``
   (+ fsync), ``dcp_save_s`` (``torch.distributed.checkpoint.save``), ``torch_load_s``
@@ -202,12 +205,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # alternate windows without / with a snapshot every interval
         thr = {"none": [], "snap": []}
         stalls, inc_sizes = [], []
+        any_stalls, any_sizes = [], []  # every snapshot (short windows may have no steady one)
         for _ in range(args.windows):
             thr["none"].append(train(args.window_s, None)[0])
             t, seals = train(args.window_s, args.interval_s)
             thr["snap"].append(t)
             for f, stall, gap in seals:
                 m = f.result(timeout=600)
+                any_stalls.append(1e3 * stall)
+                if m.parts["ps/0"].kind == "inc":
+                    any_sizes.append(m.parts["ps/0"].size)
                 if gap < 1.5 * args.interval_s:  # steady state: the previous one was 1 interval ago
                     inc_sizes.append(m.parts["ps/0"].size)
                     stalls.append(1e3 * stall)
@@ -216,6 +223,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["steps_per_s_snapshot"] = statistics.median(thr["snap"])
         out["overhead_pct"] = 100.0 * (1 - statistics.median(thr["snap"]) /
                                        statistics.median(thr["none"]))
+        if not stalls:
+            stalls, inc_sizes = any_stalls, any_sizes
         out["stall_ms"] = statistics.median(stalls)
         out["stall_ms_max"] = max(stalls)
         out["snapshots_in_windows"] = len(stalls)
@@ -250,10 +259,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fresh.load_state_dict(r.state)
             out[name] = time.perf_counter() - t
             out[name.replace("_s", "_s_per_gb")] = out[name] / state_gb
+            if local is not None:  # the parts the restore read (a full part, increments)
+                read = _parts_read(r.log)
+                sizes = {(x.snapshot_id, x.kind): x.size for x in newest.chain("ps/0")}
+                sizes.update({(sid, kind): x.size for (p_, sid, kind), x in
+                              rec.catalog().records.items() if p_ == "ps/0"})
+                out["restore_chain_parts"] = len(read)
+                out["restore_read_mb"] = sum(sizes[(sid, kind)] for kind, sid in read) / (1 << 20)
             rec.close()
             del r, fresh
             gc.collect()
-        out["restore_chain_parts"] = _chain_len(smps, newest.snapshot_id)
         # universal checkpoint of the newest snapshot
         ckpt = os.path.join(work, "ckpt")
         rec = Recovery(smps, 0, job="bench")
@@ -299,15 +314,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _chain_len(smps: Any, sid: int) -> int:
-    from monolith_py.snapshot.recovery import Recovery
+def _parts_read(log: list[str]) -> list[tuple[str, int]]:
+    """``(kind, snapshot id)`` of each part a restore read, from its recovery log."""
+    import re
 
-    cat = Recovery(smps, job="bench").catalog()
-    n, s = 0, sid
-    while s in cat.manifests:
-        rec = cat.manifests[s].parts["ps/0"]
-        n += 1
-        if rec.kind == "full":
-            break
-        s = rec.base_id
-    return n
+    found = (re.search(r"(full|inc) part of snapshot (\d+):", line) for line in log)
+    return [(m.group(1), int(m.group(2))) for m in found if m is not None]
