@@ -65,6 +65,8 @@ def register(subparsers: Any) -> None:
                    help="sealed snapshots each SMP retains (1 keeps the bench under ~6 GB)")
     p.add_argument("--full-every", type=int, default=8,
                    help="SMP composes a full part after this many increments (0: never)")
+    p.add_argument("--smp-nice", type=int, default=10,
+                   help="nice increment of the SMPs' background (coding, placement) threads")
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--m", type=int, default=3)
     p.add_argument("--workdir", default=None, help="for checkpoints (default: a temp dir)")
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load = _Load(rows, args)
     work = args.workdir or tempfile.mkdtemp(prefix="monolith-bench-snapshot-")
     cluster = LocalCluster(3, job="bench", k=args.k, m=args.m, keep=args.keep,
-                           full_every=args.full_every, nice=10, keep_free_mb=256,
+                           full_every=args.full_every, nice=args.smp_nice, keep_free_mb=256,
                            workdir=os.path.join(work, "cluster")).start()
     try:
         smps = smp_clients(cluster.smp_addresses, timeout_s=120.0)
