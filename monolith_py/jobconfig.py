@@ -235,6 +235,16 @@ class ModelSection:
         _positive("model.dense_lr", self.dense_lr)
 
 
+def check_group_id(group_id: Any) -> str:
+    """``group_id`` if it is a usable Kafka consumer group name, else :class:`ConfigError`."""
+    if not isinstance(group_id, str) or not group_id.strip():
+        raise ConfigError(f"kafka.group_id must be a non-empty string, got {group_id!r}")
+    if len(group_id) > 249 or any(ord(c) < 32 for c in group_id):
+        raise ConfigError(f"kafka.group_id must be at most 249 printable characters, "
+                          f"got {group_id!r}")
+    return group_id
+
+
 @dataclass(frozen=True)
 class KafkaSection:
     """``[kafka]``: where the examples come from.
@@ -245,6 +255,10 @@ class KafkaSection:
             partitions).
         dead_letter_topic: where undecodable messages go.
         end_of_stream: stop at the partition ends seen at start (replays, tests).
+        group_id: consumer group the trainers commit their positions under, for lag tools
+            (``kafka-consumer-groups --describe``): a snapshot's positions once it is
+            sealed, or every few seconds without snapshots. Never read back (the
+            snapshots hold the positions a restore uses). ``None``: no commits.
     """
 
     bootstrap_servers: str = field(
@@ -252,6 +266,7 @@ class KafkaSection:
     topic: str = "examples"
     dead_letter_topic: str | None = None
     end_of_stream: bool = False
+    group_id: str | None = None
 
     def __post_init__(self) -> None:
         _typed("kafka.bootstrap_servers", self.bootstrap_servers, str, "host:port[,...]")
@@ -260,6 +275,8 @@ class KafkaSection:
         if self.dead_letter_topic is not None:
             _typed("kafka.dead_letter_topic", self.dead_letter_topic, str, "a topic name")
         _typed("kafka.end_of_stream", self.end_of_stream, bool, "true or false")
+        if self.group_id is not None:
+            check_group_id(self.group_id)
 
 
 @dataclass(frozen=True)

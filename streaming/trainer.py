@@ -88,6 +88,10 @@ def kafka_batches(job: JobConfig, rank: int) -> Any:
                               end_of_stream=k.end_of_stream)
 
 
+_COMMIT_EVERY_S = 5.0
+"""Without snapshots, how often the trained position is committed for lag tools."""
+
+
 class _Prefetch:
     """Iterates a source on a daemon thread (decode overlaps training); ``get(timeout)``
     returns a batch, ``None`` on timeout, or ``_END``. Only that thread touches the
@@ -222,6 +226,7 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
     client: PSClient | None = None
     feed: _Prefetch | None = None
     snaps: Any = None
+    committer: Any = None
     try:
         if job.ps.addresses:
             client = PSClient(job.ps.addresses, tables, ClientOptions(
@@ -240,6 +245,13 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
             snaps = LoopSnapshots(snapshots, rank, world, ps_addresses=job.ps.addresses,
                                   local_shard=None if client is not None else backend.shards[0])
             snaps.restore_begin(src)  # seeks src to the snapshot's offsets
+        if job.kafka.group_id is not None:  # positions for lag tools, never read back
+            from streaming.offsets import OffsetCommitter
+
+            committer = OffsetCommitter(job.kafka.bootstrap_servers, job.kafka.topic,
+                                        job.kafka.group_id)
+            if snaps is not None:
+                snaps.on_durable = committer.submit
         feed = _Prefetch(src)
         first = feed.get(1.0)
         while first is None:  # waiting for the first batch is not a hang
@@ -269,7 +281,7 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
         pending = first
         exhausted = first is None
         idle_rounds = 0
-        exported = 0.0
+        exported = committed = 0.0
         while True:
             batch = pending
             pending = None
@@ -312,8 +324,14 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
             if time.monotonic() - exported >= 1.0:
                 exported = time.monotonic()
                 export_training(trainer.metrics(tables=False), hb.role)
+            if committer is not None and snaps is None and feed.last_offsets and (
+                    time.monotonic() - committed >= _COMMIT_EVERY_S):
+                committed = time.monotonic()
+                committer.submit(feed.last_offsets)
         if client is not None:
             client.flush()
+        if committer is not None and snaps is None and feed.last_offsets:
+            committer.submit(feed.last_offsets)  # the trained position at the end
         if dense_pusher is not None:
             dense_pusher.push()  # serving gets the final dense weights
         final = trainer.metrics()
@@ -331,6 +349,8 @@ def run_trainer(job: JobConfig, rank: int = 0, *, source: Iterable[Batch] | None
     finally:
         if snaps is not None:
             snaps.close()
+        if committer is not None:
+            committer.close()  # after the last seal's positions were handed over
         if feed is not None:
             feed.close()
         if client is not None:
@@ -390,6 +410,9 @@ def add_arguments(p: Any) -> None:
                         "(trainers.dist_init)")
     p.add_argument("--end-of-stream", action="store_true", default=None,
                    help="stop at the partition ends seen at start (kafka.end_of_stream)")
+    p.add_argument("--group-id", default=None,
+                   help="commit the trained positions under this consumer group for lag "
+                        "tools (kafka.group_id; never read back)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--every", type=int, default=50, help="print progress every N batches")
     p.add_argument("--metrics-port", type=int, default=None,
@@ -414,7 +437,7 @@ def main(args: Any) -> int:
         "trainers.world_size": args.world_size, "ps.addresses": args.ps,
         "kafka.bootstrap_servers": args.bootstrap_servers, "kafka.topic": args.topic,
         "trainers.batch_size": args.batch_size, "trainers.dist_init": args.dist_init,
-        "kafka.end_of_stream": args.end_of_stream}))
+        "kafka.end_of_stream": args.end_of_stream, "kafka.group_id": args.group_id}))
 
     def show(m: dict[str, Any]) -> None:
         print(f"[trainer {args.rank}] {format_progress(m)}", flush=True)

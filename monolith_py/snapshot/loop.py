@@ -134,6 +134,11 @@ class LoopSnapshots:
         self._last_time = clock()
         self.snapshots = 0
         self.failures = 0
+        self.on_durable: Callable[[dict[int, int]], None] | None = None
+        """Called with this trainer's Kafka positions of a snapshot once it is known to
+        be sealed (rank 0: when its seal returns; other ranks, which are not told of
+        seals: when they take the next snapshot). For lag monitoring only."""
+        self._prev_captured: dict[int, int] | None = None
 
     # -- state of this trainer ---------------------------------------------------------------
 
@@ -230,7 +235,7 @@ class LoopSnapshots:
         try:
             if self.rank == 0:
                 cut = self.coord.cut(int(getattr(trainer, "steps", round_)))
-                sealing = self.coord._bg.submit(self._seal, cut)
+                sealing = self.coord._bg.submit(self._seal, cut, dict(self._offsets))
                 del sealing
                 if self.world > 1:
                     sid[0] = cut.snapshot_id
@@ -238,6 +243,9 @@ class LoopSnapshots:
                 dist.broadcast(sid, src=0)
                 if self.rank != 0 and int(sid[0]) >= 0:
                     self.trainer_part.capture(int(sid[0]), round_)
+                    if self._prev_captured is not None:
+                        self._durable(self._prev_captured)
+                    self._prev_captured = dict(self._offsets)
         except MonolithError as exc:
             self.failures += 1
             log.warning("trainer %d: snapshot at round %d failed: %s", self.rank, round_, exc)
@@ -246,13 +254,24 @@ class LoopSnapshots:
             return False
         return True
 
-    def _seal(self, cut: Any) -> None:
+    def _seal(self, cut: Any, offsets: dict[int, int]) -> None:
         try:
             self.coord.seal(cut)
             self.snapshots += 1
         except MonolithError as exc:
             self.failures += 1
             log.warning("snapshot %d not sealed: %s", cut.snapshot_id, exc)
+            return
+        self._durable(offsets)
+
+    def _durable(self, offsets: dict[int, int]) -> None:
+        hook = self.on_durable
+        if hook is None or not offsets:
+            return
+        try:
+            hook(offsets)
+        except Exception:  # monitoring must never fail a snapshot or a step
+            log.warning("trainer %d: on_durable hook failed", self.rank, exc_info=True)
 
     def wait_idle(self, timeout_s: float = 120.0) -> None:
         self.trainer_part.wait_shipped(timeout_s)

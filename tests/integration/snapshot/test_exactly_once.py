@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
 from monolith_py.snapshot.ledger import ExactlyOnceLedger
 from monolith_py.testing.faults import FILE_ENV, FaultPlan, arm, read_log
@@ -49,7 +50,8 @@ def test_ledger_equals_the_log_after_crash_restore_cycles(kafka_broker: Any, tmp
                "--topic", topic, "--batch-size", str(PER_MESSAGE), "--end-of-stream",
                "--features", "user,item,tags", "--dim", "8", "--every", "100000",
                "--smp-group", ",".join(cluster.smp_addresses), "--host-id", "0",
-               "--job", "eo", "--snapshot-every-steps", "4", "--restore", "latest"]
+               "--job", "eo", "--snapshot-every-steps", "4", "--restore", "latest",
+               "--group-id", f"g-{topic}"]
         env = {**os.environ, FILE_ENV: plan_file}
         restored = 0
         for cycle in range(3):
@@ -72,3 +74,10 @@ def test_ledger_equals_the_log_after_crash_restore_cycles(kafka_broker: Any, tmp
         assert final["ledger"] == expected.state_dict(), (final, read_log(faults))
         assert {int(p): o for p, o in final["offsets"].items()} == {
             p: MESSAGES // 3 for p in range(3)}
+        # sealed snapshots' positions were committed under the group (lag tools only)
+        c = KafkaConsumer(bootstrap_servers=bs, group_id=f"g-{topic}", enable_auto_commit=False)
+        try:
+            got = {p: c.committed(TopicPartition(topic, p)) for p in range(3)}
+        finally:
+            c.close(autocommit=False)
+        assert all(o is not None and 0 < o <= MESSAGES // 3 for o in got.values()), got
