@@ -283,7 +283,8 @@ def build_pipeline(config: PipelineConfig, run_dir: str, *, bootstrap: str | Non
             "--smp-group", ",".join(smp_group), "--host-id", str(h), "--job", c.job,
             "--trainer-hosts", trainer_hosts, *snap, "--restore", "latest",
             "--checkpoint-dir", ckpt, "--checkpoint-every", str(c.checkpoint_every),
-            "--metrics-port", mp, "--every", "1000000"), host=h, metrics_url=url))
+            "--metrics-port", mp, "--every", "1000000",
+            "--group-id", f"monolith-{c.job}"), host=h, metrics_url=url))
     roles.append(_producer(c, cli, bootstrap, topics))
     os.makedirs(ready, exist_ok=True)
     return Pipeline(c, run_dir, bootstrap, roles, hosts, smp_group, ps_addresses, serve_url,
