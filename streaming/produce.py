@@ -82,6 +82,35 @@ def replay_to_kafka(batches: Iterable[Batch | ExampleColumns], sink: KafkaSink, 
             "last_event_time": last, "seconds": clock() - started}
 
 
+def _pace(rate: float, started: float, written: int, clock: Callable[[], float],
+          sleep: Callable[[float], None]) -> None:
+    """Sleep so that at most ``rate`` examples per wall second are written (0: no pacing)."""
+    if rate > 0:
+        wait = started + written / rate - clock()
+        if wait > 0:
+            sleep(wait)
+
+
+def _send_by_request(sink: KafkaSink, cols: ExampleColumns, partitions: int) -> int:
+    """Send ``cols`` split by ``example id % partitions`` (impressions and actions of one
+    request land on the same partition); returns the messages sent."""
+    if partitions == 1:
+        sink.send_columns(cols, partition=0)
+        return 1
+    part = cols.example_ids % partitions
+    sent = 0
+    for p in range(partitions):
+        sel = np.flatnonzero(part == p)
+        if sel.size:
+            sink.send_columns(take_rows(cols, sel), partition=p)
+            sent += 1
+    return sent
+
+
+def _unlabeled(cols: ExampleColumns) -> ExampleColumns:
+    return ExampleColumns(**{**cols.__dict__, "labels": np.zeros(len(cols), np.float32)})
+
+
 def replay_impressions(batches: Iterable[Batch | ExampleColumns], impressions: KafkaSink,
                        actions: KafkaSink, *, partitions: int = 1, rate: float = 0.0,
                        clock: Callable[[], float] = time.monotonic,
@@ -98,23 +127,12 @@ def replay_impressions(batches: Iterable[Batch | ExampleColumns], impressions: K
         cols = item if isinstance(item, ExampleColumns) else from_batch(item)
         if len(cols) == 0:
             continue
-        if rate > 0:
-            wait = started + written / rate - clock()
-            if wait > 0:
-                sleep(wait)
-        reqs = cols.example_ids
+        _pace(rate, started, written, clock, sleep)
         hit = cols.labels > 0.5
-        unlabeled = ExampleColumns(**{**cols.__dict__,
-                                      "labels": np.zeros(len(cols), np.float32)})
-        for p in range(partitions):
-            sel = np.flatnonzero(reqs % partitions == p)
-            if sel.size:
-                impressions.send_columns(take_rows(unlabeled, sel), partition=p)
-                messages += 1
-            act = np.flatnonzero(hit & (reqs % partitions == p))
-            if act.size:
-                actions.send_columns(_actions_columns(reqs[act], cols.timestamps[act]),
-                                     partition=p)
+        messages += _send_by_request(impressions, _unlabeled(cols), partitions)
+        if hit.any():
+            _send_by_request(actions, _actions_columns(cols.example_ids[hit],
+                                                       cols.timestamps[hit]), partitions)
         written += len(cols)
         clicks += int(hit.sum())
     impressions.flush(timeout_s=300)
@@ -141,10 +159,7 @@ def generate_examples(gen: SyntheticCTR, sink: KafkaSink, *, examples: int, batc
         if written + len(cols) > examples:
             keep = np.arange(examples - written)
             cols, prob = take_rows(cols, keep), prob[keep]
-        if rate > 0:
-            wait = started + written / rate - clock()
-            if wait > 0:
-                sleep(wait)
+        _pace(rate, started, written, clock, sleep)
         sink.send_columns(cols)
         auc.update(prob, cols.labels)
         written += len(cols)
@@ -209,17 +224,12 @@ def generate_impressions(gen: SyntheticCTR, impressions: KafkaSink, actions: Kaf
 
     def flush_due(now: int) -> int:
         ids, times = pending.due(now)
-        for p in range(partitions):
-            sel = np.flatnonzero(ids % partitions == p)
-            if sel.size:
-                actions.send_columns(_actions_columns(ids[sel], times[sel]), partition=p)
+        if ids.shape[0]:
+            _send_by_request(actions, _actions_columns(ids, times), partitions)
         return int(ids.shape[0])
 
     while written < examples:
-        if rate > 0:
-            wait = started + written / rate - clock()
-            if wait > 0:
-                sleep(wait)
+        _pace(rate, started, written, clock, sleep)
         cols, _ = gen.batch(index, batch_size)  # fixed size: example ids stay unique
         index += 1
         if written + len(cols) > examples:
@@ -230,12 +240,7 @@ def generate_impressions(gen: SyntheticCTR, impressions: KafkaSink, actions: Kaf
         delay = np.floor(-np.log(u) * click_delay_mean_s).astype(np.int64)
         hit = cols.labels > 0.5
         pending.add(reqs[hit], cols.timestamps[hit] + delay[hit])
-        unlabeled = ExampleColumns(**{**cols.__dict__,
-                                      "labels": np.zeros(len(cols), np.float32)})
-        for p in range(partitions):
-            sel = np.flatnonzero(reqs % partitions == p)
-            if sel.size:
-                impressions.send_columns(take_rows(unlabeled, sel), partition=p)
+        _send_by_request(impressions, _unlabeled(cols), partitions)
         written += len(cols)
         clicks += flush_due(int(cols.timestamps.max()))
     clicks += flush_due(np.iinfo(np.int64).max)

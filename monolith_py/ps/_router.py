@@ -16,6 +16,7 @@ from numba import njit
 
 from monolith_py.errors import InvalidInputError, InvalidTypeError
 from monolith_py.ps.routing import route
+from monolith_py.table._arena import gather_rows as _gather_kernel
 
 __all__: list[str] = []  # private module
 
@@ -111,15 +112,6 @@ def _has_duplicates(keys: np.ndarray) -> bool:
 
 
 @njit(cache=True)
-def _gather_kernel(src, idx, out):  # type: ignore[no-untyped-def]
-    d = src.shape[1]
-    for i in range(idx.shape[0]):
-        r = idx[i]
-        for j in range(d):
-            out[i, j] = src[r, j]
-
-
-@njit(cache=True)
 def _scatter_kernel(dst, idx, src):  # type: ignore[no-untyped-def]
     d = src.shape[1]
     for i in range(idx.shape[0]):
@@ -133,7 +125,7 @@ def gather_rows(src: np.ndarray, idx: np.ndarray) -> np.ndarray:
     is several times slower)."""
     out = np.empty((idx.shape[0], src.shape[1]), dtype=src.dtype)
     if idx.shape[0]:
-        _gather_kernel(src, idx, out)
+        _gather_kernel(src, idx, out)  # the table's row gather (idx all >= 0 here)
     return out
 
 

@@ -49,7 +49,9 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 def new_buffer(nbytes: int) -> memoryview:
     """A writable buffer of ``nbytes`` whose pages are mapped now (one call, 4 KiB pages:
-    measured 0.4 s per GiB here against up to 2.4 s for first-touch huge pages)."""
+    measured 0.4 s per GiB here against up to 2.4 s for first-touch huge pages). Like
+    ``monolith_py.table._arrays.prefaulted_zeros``, which this module cannot import: the
+    SMP side stays free of torch, which the table package loads."""
     if nbytes < (4 << 20):
         return memoryview(bytearray(nbytes))
     return memoryview(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS

@@ -89,18 +89,8 @@ def scan_rows(meta, since, live_out, dirty_out):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, parallel=True)
-def copy_rows_f32(src, rows, dst):  # type: ignore[no-untyped-def]
-    """dst[i] = src[rows[i]] (float32 rows)."""
-    w = src.shape[1]
-    for i in prange(rows.shape[0]):
-        r = rows[i]
-        for j in range(w):
-            dst[i, j] = src[r, j]
-
-
-@njit(cache=True, parallel=True)
-def copy_rows_i64(src, rows, dst):  # type: ignore[no-untyped-def]
-    """dst[i] = src[rows[i]] (int64 records)."""
+def _copy_rows(src, rows, dst):  # type: ignore[no-untyped-def]
+    """dst[i] = src[rows[i]] (compiled once per dtype: float32 rows, int64 records)."""
     w = src.shape[1]
     for i in prange(rows.shape[0]):
         r = rows[i]
@@ -109,9 +99,6 @@ def copy_rows_i64(src, rows, dst):  # type: ignore[no-untyped-def]
 
 
 def copy_rows(src: np.ndarray, rows: np.ndarray, dst: np.ndarray) -> None:
-    if rows.shape[0] == 0:
-        return
-    if src.dtype == np.float32:
-        copy_rows_f32(src, rows, dst)
-    else:
-        copy_rows_i64(src, rows, dst)
+    """``dst[:n] = src[rows]`` for 2-D arrays, both threads (the capture's copy)."""
+    if rows.shape[0]:
+        _copy_rows(src, rows, dst)

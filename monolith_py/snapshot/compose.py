@@ -50,6 +50,7 @@ import numpy as np
 from numba import njit, prange
 
 from monolith_py.errors import CorruptDataError
+from monolith_py.snapshot.manifest import chain_break
 
 if TYPE_CHECKING:
     from monolith_py.snapshot.pspart import DecodedPart, TablePart
@@ -249,15 +250,9 @@ def _table_state(res: _Resolved, stage: Stage | None) -> MutableMapping[str, Any
 
 
 def _check_chain(chain: Sequence[DecodedPart]) -> None:
-    if not chain:
-        raise CorruptDataError("empty chain")
-    if chain[0].kind != "full":
-        raise CorruptDataError(f"snapshot {chain[0].snapshot_id}: an increment needs its base")
-    for prev, cur in zip(chain, chain[1:]):
-        if cur.kind != "inc" or cur.base_id != prev.snapshot_id:
-            raise CorruptDataError(
-                f"part of snapshot {cur.snapshot_id} ({cur.kind}, base {cur.base_id}) does "
-                f"not apply to snapshot {prev.snapshot_id}")
+    problem = chain_break(chain)
+    if problem is not None:
+        raise CorruptDataError(problem)
     newest = chain[-1]
     for p in chain:
         if p.shard_id != newest.shard_id or set(p.tables) != set(newest.tables):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,21 @@ def _ints(d: Mapping[str, Any], name: str, n: int, lo: int, hi: int) -> tuple[in
             raise DecodeError(f"bad manifest: {name!r} holds {x!r}, not an int in [{lo}, {hi}]")
         out.append(x)
     return tuple(out)
+
+
+def chain_break(chain: Sequence[Any]) -> str | None:
+    """Why ``chain`` (oldest first; items with ``kind``, ``base_id`` and ``snapshot_id``:
+    part records or decoded parts) is not a full part followed by increments each on the
+    one before, or ``None`` when it is."""
+    if not chain:
+        return "empty chain"
+    if chain[0].kind != "full":
+        return f"snapshot {chain[0].snapshot_id}: an increment needs its base"
+    for prev, cur in zip(chain, chain[1:]):
+        if cur.kind != "inc" or cur.base_id != prev.snapshot_id:
+            return (f"part of snapshot {cur.snapshot_id} ({cur.kind}, base {cur.base_id}) "
+                    f"does not apply to snapshot {prev.snapshot_id}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -211,13 +226,11 @@ class Manifest:
             if name not in self.parts:
                 raise InvalidInputError(f"chain of {name!r}, which has no part")
             full = (*chain, self.parts[name])
-            if full[0].kind != "full" or any(r.participant != name for r in full):
-                raise InvalidInputError(f"chain of {name!r} must start with a full part")
-            for prev, cur in zip(full, full[1:]):
-                if cur.kind != "inc" or cur.base_id != prev.snapshot_id:
-                    raise InvalidInputError(
-                        f"chain of {name!r}: part of {cur.snapshot_id} does not apply to "
-                        f"{prev.snapshot_id}")
+            if any(r.participant != name for r in full):
+                raise InvalidInputError(f"chain of {name!r} holds another participant's part")
+            problem = chain_break(full)
+            if problem is not None:
+                raise InvalidInputError(f"chain of {name!r}: {problem}")
         for name, rec in self.parts.items():
             if rec.kind == "inc" and name not in self.chains:
                 raise InvalidInputError(f"increment of {name!r} without its chain")
