@@ -329,17 +329,24 @@ class SnapshotStore:
             except Exception:  # a bug must not kill the worker
                 log.exception("SMP %d: background job failed", self.config.host_id)
 
+    def _pin_locked(self, key: Any) -> None:
+        """Keep ``key`` from retention until :meth:`_unpin` (holding ``_mu``)."""
+        self._pins[key] = self._pins.get(key, 0) + 1
+
+    def _unpin(self, key: Any) -> None:
+        with self._mu:
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
+
     @contextmanager
     def _pinned(self, key: Any) -> Iterator[None]:
         with self._mu:
-            self._pins[key] = self._pins.get(key, 0) + 1
+            self._pin_locked(key)
         try:
             yield
         finally:
-            with self._mu:
-                self._pins[key] -= 1
-                if not self._pins[key]:
-                    del self._pins[key]
+            self._unpin(key)
 
     def _encode_job(self, key: PartKey, job: _Job, base_id: int) -> None:
         t0 = time.perf_counter()
@@ -470,12 +477,12 @@ class SnapshotStore:
             if blob is None and idx < self.config.k:
                 blob, pin = self._parts.get((p, sid, kind)), (p, sid, kind)
                 if blob is not None:
-                    self._pins[pin] = self._pins.get(pin, 0) + 1
+                    self._pin_locked(pin)
                     return _Pinned(self, pin, data_block(blob.view, idx, self.config.k))
                 return None
             if blob is None:
                 return None
-            self._pins[pin] = self._pins.get(pin, 0) + 1
+            self._pin_locked(pin)
         return _Pinned(self, pin, blob.view)
 
     def open_part(self, key: PartKey) -> _Pinned | None:
@@ -484,14 +491,8 @@ class SnapshotStore:
             blob = self._parts.get(key)
             if blob is None:
                 return None
-            self._pins[key] = self._pins.get(key, 0) + 1
+            self._pin_locked(key)
         return _Pinned(self, key, blob.view)
-
-    def _unpin(self, key: Any) -> None:
-        with self._mu:
-            self._pins[key] -= 1
-            if not self._pins[key]:
-                del self._pins[key]
 
     def stream_block(self, key: BlockKey, sink: Callable[[int, memoryview], None],
                      size_hint: int | None = None) -> int | None:
