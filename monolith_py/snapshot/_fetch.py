@@ -219,11 +219,13 @@ class _Pipeline:
         return [d for d in self.missing if self.decoded_crc[d] != self.rec.block_crcs[d]]
 
 
-def fetch_decoded(sources: Mapping[int, Any], rec: PartRecord,
-                  why: list[str]) -> memoryview | None:
+def fetch_decoded(sources: Mapping[int, Any], rec: PartRecord, why: list[str],
+                  used: list[int] | None = None) -> memoryview | None:
     """The part rebuilt from any ``rec.k`` valid blocks of the hosts in its placement
-    (data blocks preferred); ``None`` (reasons in ``why``) when fewer than ``k`` remain.
-    Every data block of the result, received or decoded, matched its sealed crc32c."""
+    (data blocks preferred: with all of them there is nothing to decode); ``None``
+    (reasons in ``why``) when fewer than ``k`` remain. Every data block of the result,
+    received or decoded, matched its sealed crc32c. ``used`` receives the indices of the
+    blocks it was built from."""
     k, m, bs = rec.k, rec.m, rec.block_size
     excluded: set[int] = set()
     for i in range(m):
@@ -245,6 +247,8 @@ def fetch_decoded(sources: Mapping[int, Any], rec: PartRecord,
             if bad:  # every block used passed its crc: the manifest's crcs disagree
                 why.append(f"decoded blocks {bad} fail their sealed crc32c")
                 return None
+            if used is not None:
+                used[:] = cands[:k]
             return out[: rec.size]
         for i, problem in sorted(failed.items()):
             why.append(problem)

@@ -33,6 +33,7 @@ from monolith_py.errors import ConfigError, CorruptDataError, InvalidInputError
 
 __all__ = [
     "CodecConfig",
+    "block_placement",
     "block_size",
     "data_block",
     "encode_parity",
@@ -89,6 +90,23 @@ def block_size(size: int, k: int) -> int:
     if size < 0 or k < 1:
         raise InvalidInputError(f"need size >= 0 and k >= 1, got size={size}, k={k}")
     return max(1, -(-size // k))
+
+
+def block_placement(home: int, num_hosts: int, k: int, m: int) -> tuple[int, ...]:
+    """The host of each of the ``m`` blocks of a part whose whole copy lives on ``home``.
+
+    Blocks go to the hosts after the home, data blocks first: ``home + 1 + i``
+    (mod ``num_hosts``). When the group has exactly ``m`` hosts the last block, a parity
+    block when ``m > k``, wraps onto the home host. The home already holds the whole part,
+    so its own block is the one least useful without it: losing the home host leaves
+    every data block on the survivors, and the part is restored by plain transfers with
+    nothing to decode. With ``m == 1`` (no coding) the only block is the home copy."""
+    if not (1 <= k <= m <= num_hosts and 0 <= home < num_hosts):
+        raise InvalidInputError(f"cannot place {m} blocks (k={k}) of host {home} on "
+                                f"{num_hosts} hosts")
+    if m == 1:
+        return (home,)
+    return tuple((home + 1 + i) % num_hosts for i in range(m))
 
 
 def data_block(part: Any, index: int, k: int) -> memoryview | bytes:

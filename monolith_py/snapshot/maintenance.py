@@ -136,34 +136,46 @@ def _rebuild(self: SnapshotStore, rec: Any, records: list[PartRecord],
 
     me = self.config.host_id
     for r in sorted(records, key=lambda r: (r.snapshot_id, r.participant, r.kind)):
-        if me not in r.placement:
-            continue
-        key, idx = r.key, r.placement.index(me)
-        with self._mu:
-            have = key in self._parts if idx == 0 else (*key, idx) in self._blocks
-        if have:
-            continue
-        try:
-            data = rec.part_bytes(r)
-            if idx == 0:
-                seg = self.pool.create(r.size)
-                seg.view[: r.size] = data
+        for idx in _missing_here(self, r):
+            key = r.key
+            try:
+                data = rec.part_bytes(r)
+                if idx is None:
+                    seg = self.pool.create(r.size)
+                    seg.view[: r.size] = data
+                    with self._mu:
+                        self._parts.setdefault(key, _Blob(seg, r.size))
+                    done["parts"] += 1
+                    continue
+                blk = data_block(data, idx, r.k) if idx < r.k else \
+                    encode_parity(data, r.k, r.m)[idx - r.k]
+                if crc32c.crc32c(blk) != r.block_crcs[idx]:
+                    raise CorruptDataError(f"rebuilt block {idx} of {key} fails its crc")
+                seg = self.pool.create(len(blk))
+                seg.view[: len(blk)] = blk
                 with self._mu:
-                    self._parts.setdefault(key, _Blob(seg, r.size))
-                done["parts"] += 1
-                continue
-            blk = data_block(data, idx, r.k) if idx < r.k else \
-                encode_parity(data, r.k, r.m)[idx - r.k]
-            if crc32c.crc32c(blk) != r.block_crcs[idx]:
-                raise CorruptDataError(f"rebuilt block {idx} of {key} fails its crc")
-            seg = self.pool.create(len(blk))
-            seg.view[: len(blk)] = blk
-            with self._mu:
-                self._blocks.setdefault((*key, idx), _Blob(seg, len(blk)))
-            done["blocks"] += 1
-        except Exception as exc:
-            done["failed"] += 1
-            log.warning("SMP %d: cannot rebuild %s: %s: %s", me, key, type(exc).__name__, exc)
+                    self._blocks.setdefault((*key, idx), _Blob(seg, len(blk)))
+                done["blocks"] += 1
+            except Exception as exc:
+                done["failed"] += 1
+                log.warning("SMP %d: cannot rebuild %s: %s: %s", me, key, type(exc).__name__,
+                            exc)
+
+
+def _missing_here(self: SnapshotStore, r: PartRecord) -> list[int | None]:
+    """What of part ``r`` belongs on this host but is not here: ``None`` for the whole
+    part (this is its home; data blocks placed here are served from it), else the
+    indices of the blocks placed here. The whole part comes first, so that the blocks
+    after it are cut or encoded from a local copy."""
+    me = self.config.host_id
+    out: list[int | None] = []
+    with self._mu:
+        home = r.home == me
+        if home and r.key not in self._parts:
+            out.append(None)
+        out.extend(i for i, h in enumerate(r.placement)
+                   if h == me and not (home and i < r.k) and (*r.key, i) not in self._blocks)
+    return out
 
 
 def repair(self: SnapshotStore, sources: dict[int, Any]) -> dict[str, int]:
@@ -202,10 +214,7 @@ def repair_manifest(self: SnapshotStore, man: Manifest, sources: dict[int, Any])
 
     me = self.config.host_id
     records = [r for p in man.parts for r in man.chain(p)]
-    with self._mu:
-        missing = [r for r in records if me in r.placement and not (
-            r.key in self._parts if r.placement.index(me) == 0
-            else (*r.key, r.placement.index(me)) in self._blocks)]
+    missing = [r for r in records if _missing_here(self, r)]
     if not missing:
         return
     rec = Recovery({**sources, me: self}, me, job=self.config.job)

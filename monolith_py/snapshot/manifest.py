@@ -18,9 +18,9 @@ truncated or flipped manifest does not decode.
 Example::
 
     >>> base = PartRecord("ps/0", 4, "full", -1, size=90, crc=3, home=0, k=2, m=3,
-    ...                   block_crcs=(4, 5, 6), placement=(0, 1, 2))
+    ...                   block_crcs=(4, 5, 6), placement=(1, 2, 0))
     >>> rec = PartRecord("ps/0", 5, "inc", 4, size=100, crc=7, home=0, k=2, m=3,
-    ...                  block_crcs=(1, 2, 3), placement=(0, 1, 2))
+    ...                  block_crcs=(1, 2, 3), placement=(1, 2, 0))
     >>> man = Manifest("job", 5, step=500, parts={"ps/0": rec}, hosts=("a:1", "b:2", "c:3"),
     ...                chains={"ps/0": (base,)})
     >>> [r.snapshot_id for r in Manifest.decode(man.encode()).chain("ps/0")]
@@ -110,7 +110,8 @@ class PartRecord:
         home: host index of the SMP holding the whole part.
         k, m: the erasure code.
         block_crcs: crc32c of each of the ``m`` blocks.
-        placement: host index holding each block (distinct hosts, ``placement[0] == home``).
+        placement: host index holding each block (distinct hosts; see
+            :func:`~monolith_py.snapshot.codec.block_placement`).
     """
 
     participant: str
@@ -138,10 +139,9 @@ class PartRecord:
                 f"got kind={self.kind!r}, base_id={self.base_id}, id={self.snapshot_id}")
         if len(self.block_crcs) != self.m or len(self.placement) != self.m:
             raise InvalidInputError(f"need {self.m} block crcs and placements")
-        if len(set(self.placement)) != self.m or self.placement[0] != self.home:
+        if len(set(self.placement)) != self.m:
             raise InvalidInputError(
-                f"blocks must sit on {self.m} distinct hosts starting with the home host "
-                f"{self.home}, got {self.placement}")
+                f"blocks must sit on {self.m} distinct hosts, got {self.placement}")
 
     @property
     def key(self) -> PartKey:

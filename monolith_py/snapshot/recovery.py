@@ -187,9 +187,14 @@ class Recovery:
             if data is not None:
                 self._note(f"{name}: whole copy read from host {rec.home}")
                 return data
-        data = self._decode(rec, why)
+        used: list[int] = []
+        data = self._decode(rec, why, used)
         if data is not None:
-            self._note(f"{name}: erasure-decoded ({'; '.join(why)})")
+            hosts = ", ".join(str(rec.placement[i]) for i in used)
+            how = (f"erasure-decoded from blocks {used} of hosts {hosts}"
+                   if any(i >= rec.k for i in used)
+                   else f"data blocks read from hosts {hosts}, nothing to decode")
+            self._note(f"{name}: {how} ({'; '.join(why)})")
             return data
         raise SnapshotError(f"{name} cannot be rebuilt: {'; '.join(why)}")
 
@@ -219,9 +224,9 @@ class Recovery:
     def _remote(self, src: PartSource, rec: PartRecord, why: list[str]) -> memoryview | None:
         return fetch_whole(src, rec, why)
 
-    def _decode(self, rec: PartRecord, why: list[str]) -> memoryview | None:
+    def _decode(self, rec: PartRecord, why: list[str], used: list[int]) -> memoryview | None:
         # every data block was checked against its sealed crc32c (received or decoded)
-        return fetch_decoded(self.sources, rec, why)
+        return fetch_decoded(self.sources, rec, why, used)
 
     # -- chains and participants ---------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from monolith_py.errors import (
     UnavailableError,
 )
 from monolith_py.observe.metrics import counter, gauge, histogram
-from monolith_py.snapshot.codec import CodecConfig, block_size, data_block
+from monolith_py.snapshot.codec import CodecConfig, block_placement, block_size, data_block
 from monolith_py.snapshot.blocks import BlockKey, block_frame, decode_block_frame
 from monolith_py.snapshot.maintenance import compact, local_chain, repair, repair_manifest
 from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
@@ -369,31 +369,51 @@ class SnapshotStore:
         k, m, size = cfg.k, cfg.m, view.nbytes
         bs = block_size(size, k)
         home = cfg.host_id
-        placement = tuple((home + i) % cfg.num_hosts for i in range(m))
+        placement = block_placement(home, cfg.num_hosts, k, m)
+        # a data block placed here is served from the home copy; a parity block is kept
+        kept = {i: _Blob(self.pool.create(bs), bs) for i in range(k, m) if placement[i] == home}
+        sent = [i for i in range(m) if placement[i] != home]
         crcs = [0] * m
-        part_crc = crc32c.crc32c(view)
-        enc = zfec.Encoder(k, m) if m > k else None
-        for lo in range(0, bs, cfg.chunk_bytes):
-            hi = min(lo + cfg.chunk_bytes, bs)
-            chunks: list[Any] = [_data_chunk(view, i, bs, lo, hi) for i in range(k)]
-            if enc is not None:
-                chunks += enc.encode(tuple(chunks), tuple(range(k, m)))
-            for i in range(m):
-                crcs[i] = crc32c.crc32c(chunks[i], crcs[i])
-            final = hi == bs
-            futures = [self._send.submit(self._deliver, placement[i],
-                                         block_frame((*key, i), lo, chunks[i], block_bytes=bs,
-                                                     part_size=size, final=final,
-                                                     block_crc=crcs[i] if final else 0))
-                       for i in range(1, m)]
-            for f in futures:
-                f.result()
-            fault_point("smp.encode")
+        try:
+            part_crc = crc32c.crc32c(view)
+            enc = zfec.Encoder(k, m) if m > k else None
+            for lo in range(0, bs, cfg.chunk_bytes):
+                hi = min(lo + cfg.chunk_bytes, bs)
+                chunks: list[Any] = [_data_chunk(view, i, bs, lo, hi) for i in range(k)]
+                if enc is not None:
+                    chunks += enc.encode(tuple(chunks), tuple(range(k, m)))
+                for i in range(m):
+                    crcs[i] = crc32c.crc32c(chunks[i], crcs[i])
+                final = hi == bs
+                futures = [self._send.submit(self._deliver, placement[i],
+                                             block_frame((*key, i), lo, chunks[i], block_bytes=bs,
+                                                         part_size=size, final=final,
+                                                         block_crc=crcs[i] if final else 0))
+                           for i in sent]
+                for i, blob in kept.items():
+                    blob.seg.view[lo:hi] = chunks[i]
+                for f in futures:
+                    f.result()
+                fault_point("smp.encode")
+        except BaseException:
+            for blob in kept.values():
+                self.pool.release(blob.seg)
+            raise
         record = PartRecord(participant=key[0], snapshot_id=key[1], kind=key[2],
                             base_id=base_id, size=size, crc=part_crc, home=home, k=k, m=m,
                             block_crcs=tuple(crcs), placement=placement)
+        for i, blob in kept.items():
+            self._keep_block((*key, i), blob)
         fault_point("smp.place")
         return record
+
+    def _keep_block(self, key: BlockKey, blob: _Blob) -> None:
+        """Hold ``blob`` as block ``key`` (replacing an older copy)."""
+        with self._mu:
+            old = self._blocks.pop(key, None)
+            self._blocks[key] = blob
+        if old is not None:
+            self.pool.release(old.seg)
 
     def _deliver(self, host: int, frame: bytes) -> None:
         assert self.peers is not None
@@ -440,11 +460,7 @@ class SnapshotStore:
             self.pool.release(blob.seg)
             self._reject("block")
             raise CorruptDataError(f"block {key} arrived incomplete or corrupt")
-        with self._mu:
-            old = self._blocks.pop(key, None)
-            self._blocks[key] = blob
-        if old is not None:
-            self.pool.release(old.seg)
+        self._keep_block(key, blob)
 
     def get_block(self, key: BlockKey, offset: int = 0, length: int | None = None) -> bytes | None:
         """A copy of (a range of) block ``key`` held here; data blocks ``< k`` of a home

@@ -102,7 +102,7 @@ LOG_PATTERNS: tuple[tuple[tuple[str, ...], str, re.Pattern[str]], ...] = (
     (("trainer",), "restore", re.compile(r"nothing to restore.*")),
     (("ps",), "restore", re.compile(r"restored snapshot \d+ \(step \d+\) from \w+")),
     (("ps", "trainer"), "restore", re.compile(r"[\w/]+ \w+ part of snapshot \d+: "
-                                              r"(erasure-decoded|read from disk).*")),
+                                              r"(erasure-decoded|data blocks read|read from disk).*")),
     (("smp",), "restore", re.compile(r"SMP \d+ repaired after restart: \{'parts': [1-9].*")),
     ((), "error", re.compile(r"(Traceback \(most recent call last\)|monolith \w+: error: .*)")),
 )

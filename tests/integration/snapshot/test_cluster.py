@@ -111,14 +111,15 @@ def test_kill_ps_host_smp_and_reshard(tmp_path: Any) -> None:
         assert "local SMP copy" in open(cluster.hosts[0].log_path("ps")).read()
 
         # 2. a whole host dies (SMP, PS and its memory): the EC path rebuilds shard 1 (its
-        # new SMP is told not to rebuild its share first, so the PS decodes from the peers)
+        # new SMP is told not to rebuild its share first, so the PS reads the part's data
+        # blocks from the peers; the parity went down with the host)
         d.train(3)
         sid = snapshot()
         cluster.hosts[1].kill()
         cluster.start_smp(1, extra=["--no-repair"])
         cluster.spawn(1, "ps", _ps_cmd(cluster, 1, 2, 1, ports[1], "latest"), ready=True)
         assert pss[1].digest() == expected[sid][1]
-        assert "erasure-decoded" in open(cluster.hosts[1].log_path("ps")).read()
+        assert "data blocks read from hosts" in open(cluster.hosts[1].log_path("ps")).read()
         assert pss[0].restore(sid)["snapshot_id"] == sid   # job-wide: same cut everywhere
         assert [p.digest() for p in pss] == expected[sid]
 

@@ -59,3 +59,26 @@ def test_too_few_or_wrong_size_blocks_are_rejected() -> None:
 def test_config_validation(k: int, m: int) -> None:
     with pytest.raises(ConfigError):
         CodecConfig(k, m)
+
+
+@given(st.integers(1, 6), st.integers(0, 6), st.integers(0, 9))
+def test_block_placement_spreads_blocks_and_keeps_data_off_the_home(k: int, extra: int,
+                                                                    more_hosts: int) -> None:
+    m = k + extra
+    n = m + more_hosts
+    for home in range(n):
+        placement = codec.block_placement(home, n, k, m)
+        assert len(placement) == m and len(set(placement)) == m
+        assert all(0 <= h < n for h in placement)
+        if m > 1:  # losing the home host never costs a data block
+            assert home not in placement[:k] or m == k == n
+        if m > k:  # the home holds a block only when every host must hold one
+            assert (home in placement) == (n == m)
+
+
+def test_block_placement_rejects_impossible_groups() -> None:
+    from monolith_py.errors import InvalidInputError
+
+    for home, n, k, m in ((0, 2, 2, 3), (2, 2, 1, 2), (0, 3, 3, 2), (0, 3, 0, 1)):
+        with pytest.raises(InvalidInputError):
+            codec.block_placement(home, n, k, m)

@@ -129,7 +129,7 @@ def test_local_then_erasure_decode_after_host_loss(group: LocalGroup) -> None:
     group.kill(0)                # the whole host and its memory
     group.restart(0)             # comes back empty
     r = _restore(group, "ps/0", 0)
-    assert r.snapshot_id == last and any("erasure-decoded" in s for s in r.log)
+    assert r.snapshot_id == last and any("data blocks read from hosts 1, 2" in s for s in r.log)
     assert_states_equal(r.state, job.expected[last]["ps/0"])
     t = _restore(group, "trainer/0", 2)
     assert_states_equal(t.state, job.expected[last]["trainer/0"])
@@ -170,34 +170,44 @@ def test_corrupt_copies_are_excluded_and_older_snapshot_used(group: LocalGroup) 
     job.train()
     last = job.snapshot()
     rec = job.coord.last_sealed.parts["ps/0"]
-    group.flip_part(0, rec.key, byte=rec.size // 4)   # inside data block 0
+    assert rec.placement == (1, 2, 0)  # data blocks on the next hosts, parity at home
+    group.flip_part(0, rec.key, byte=rec.size // 4)   # the home copy
     r = _restore(group, "ps/0", 0)
     assert any("local copy corrupt" in s for s in r.log)
-    assert any("block 0 on host 0 corrupt" in s for s in r.log)
     assert r.snapshot_id == last
     assert_states_equal(r.state, job.expected[last]["ps/0"])
-    # a flipped data block on host 1 leaves only one good block: not enough for k=2, so the
-    # newest snapshot is skipped (with its reason) and the previous one is restored
-    group.flip_block(1, (*rec.key, 1), byte=7)
+    # a flipped data block on host 1 is excluded; the parity kept at home rebuilds it
+    group.flip_block(1, (*rec.key, 0), byte=7)
+    r = _restore(group, "ps/0", 0)
+    assert any("block 0 on host 1 corrupt" in s for s in r.log)
+    assert r.snapshot_id == last
+    assert_states_equal(r.state, job.expected[last]["ps/0"])
+    # the parity flipped too leaves one good block: not enough for k=2, so the newest
+    # snapshot is skipped (with its reasons) and the previous one is restored
+    group.flip_block(0, (*rec.key, 2), byte=7)
     r = _restore(group, "ps/0", 0)
     assert r.snapshot_id == first
-    assert any("corrupt: excluded" in s for s in r.log)
+    assert any("block 2 on host 0 corrupt: excluded" in s for s in r.log)
     assert_states_equal(r.state, job.expected[first]["ps/0"])
     job.close()
 
 
-@pytest.mark.parametrize("flip", [1, 2])  # a data block, a parity block
-def test_flipped_block_rebuilt_from_parity(tmp_path: Any, flip: int) -> None:
-    g = LocalGroup(4, k=2, m=4, root=str(tmp_path / "shm"), job="test")
+@pytest.mark.parametrize("flip", [[1], [0, 2]])  # a data block; a data and a parity block
+def test_flipped_block_rebuilt_from_parity(tmp_path: Any, flip: list[int]) -> None:
+    g = LocalGroup(5, k=2, m=4, root=str(tmp_path / "shm"), job="test")
     try:
         job = Job(g)
         job.train()
         sid = job.snapshot()
         rec = job.coord.last_sealed.parts["ps/0"]
+        assert rec.placement == (1, 2, 3, 4)  # a group larger than m: no block at home
         g.kill(0)
-        g.flip_block(rec.placement[flip], (*rec.key, flip), byte=3)
+        for i in flip:
+            g.flip_block(rec.placement[i], (*rec.key, i), byte=3)
         r = _restore(g, "ps/0", 0)
-        assert r.snapshot_id == sid and any(f"block {flip} on host" in s for s in r.log)
+        assert r.snapshot_id == sid
+        for i in flip:
+            assert any(f"block {i} on host {rec.placement[i]} corrupt" in s for s in r.log)
         assert_states_equal(r.state, job.expected[sid]["ps/0"])
         job.close()
     finally:
