@@ -48,6 +48,9 @@ def register_smp(subparsers: Any) -> None:
     p.add_argument("--host-id", type=int, required=True, help="this host's index in the group")
     p.add_argument("--port", type=int, default=0, help="TCP port (0: a free one)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--bulk-port", type=int, default=0,
+                   help="TCP port of the data port serving restores' bulk reads (0: a free "
+                        "one; clients learn it over gRPC)")
     p.add_argument("--peers", default="",
                    help="comma-separated SMP addresses of every host of the group, by index "
                         "(this host's entry is ignored)")
@@ -91,7 +94,8 @@ def _smp_main(args: argparse.Namespace) -> int:
                     keep=args.keep, full_every=args.full_every, shm_dir=args.shm_dir,
                     place_timeout_s=args.place_timeout_s,
                     keep_free_bytes=args.keep_free_mb << 20, background_nice=args.nice)
-    server = SMPServer(cfg, args.port, args.host, peers=peers).start(repair=args.repair)
+    server = SMPServer(cfg, args.port, args.host, peers=peers,
+                       bulk_port=args.bulk_port).start(repair=args.repair)
     if args.metrics_port is not None:
         from monolith_py.observe.metrics import serve_metrics
 
