@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,21 +88,29 @@ def _copy_into(out, src):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _match_sorted(sk, want):  # type: ignore[no-untyped-def]
-    """For each of the increasing ``want``, its index in the increasing ``sk`` or -1 (one
-    merge pass: linear, where a binary search per key would be n log n)."""
-    out = np.full(want.shape[0], -1, dtype=np.int64)
+def _match_part(sk, order, live, src_part, src_row, j):  # type: ignore[no-untyped-def]
+    """One merge pass of the increasing ``live`` keys against a part's increasing keys
+    ``sk`` (its rows ``order``, or in order when ``order`` is empty): live keys not yet
+    resolved to a newer part are resolved to part ``j``. Returns (keys of ``sk`` found
+    live, live keys newly resolved)."""
     i = 0
     n = sk.shape[0]
-    for t in range(want.shape[0]):
-        w = want[t]
+    found = 0
+    new = 0
+    direct = order.shape[0] == 0
+    for t in range(live.shape[0]):
+        w = live[t]
         while i < n and sk[i] < w:
             i += 1
         if i == n:
             break
         if sk[i] == w:
-            out[t] = i
-    return out
+            found += 1
+            if src_part[t] < 0:
+                src_part[t] = j
+                src_row[t] = i if direct else order[i]
+                new += 1
+    return found, new
 
 
 @dataclass
@@ -128,7 +137,7 @@ class _Resolved:
 
 def _sorted_index(keys: np.ndarray, is_sorted: bool) -> tuple[np.ndarray, np.ndarray | None]:
     if is_sorted:
-        return keys, None
+        return np.ascontiguousarray(keys), None
     order = np.argsort(keys, kind="stable")
     return keys[order], order
 
@@ -146,34 +155,39 @@ def _resolve(name: str, chain: Sequence[TablePart], base_id: int) -> _Resolved:
             if keys.shape[0] > 1 and not (np.diff(keys) > 0).all():
                 raise CorruptDataError(f"table {name!r}: a sorted full part has unsorted keys")
             return _Resolved(name, chain, np.ascontiguousarray(keys), None, None)
-        live = np.sort(keys)
+        indices = [_sorted_index(keys, False)]
+        live = indices[0][0]
         if live.shape[0] > 1 and not (np.diff(live) > 0).all():
             raise CorruptDataError(f"table {name!r}: duplicate keys in a full part")
     else:
         assert newest.live is not None
-        live = np.sort(newest.live)
+        # the increments' keys are sorted in another thread meanwhile (numpy's sorts
+        # release the GIL)
+        with ThreadPoolExecutor(1, thread_name_prefix="compose-sort") as pool:
+            sorting = pool.submit(lambda: [_sorted_index(tp.meta[:, 0], tp.sorted)
+                                           for tp in chain])
+            live = np.sort(newest.live)
+            indices = sorting.result()
         if live.shape[0] > 1 and not (np.diff(live) > 0).all():
             raise CorruptDataError(f"table {name!r}: duplicate live keys in an increment")
     n = live.shape[0]
     src_part = np.full(n, -1, dtype=np.int32)
     src_row = np.empty(n, dtype=np.int64)
-    todo = np.arange(n, dtype=np.int64)
+    left = n
+    no_order = np.empty(0, dtype=np.int64)
     for j in range(len(chain) - 1, -1, -1):
-        if not todo.shape[0]:
+        if not left:
             break
-        sk, order = _sorted_index(chain[j].meta[:, 0], chain[j].sorted)
-        pos = _match_sorted(np.ascontiguousarray(sk), live[todo])  # both increasing
-        hit = pos >= 0
-        found = todo[hit]
-        src_part[found] = j
-        src_row[found] = pos[hit] if order is None else order[pos[hit]]
-        if j == len(chain) - 1 and len(chain) > 1 and found.shape[0] != sk.shape[0]:
+        sk, order = indices[j]
+        found, new = _match_part(sk, no_order if order is None else order,
+                                 live, src_part, src_row, j)
+        left -= new
+        if j == len(chain) - 1 and len(chain) > 1 and found != sk.shape[0]:
             raise CorruptDataError(f"table {name!r}: the newest part captured rows that are "
                                    "not live")
-        todo = todo[~hit]
-    if todo.shape[0]:
+    if left:
         raise CorruptDataError(
-            f"table {name!r}: {todo.shape[0]} live keys are in no part of the chain "
+            f"table {name!r}: {left} live keys are in no part of the chain "
             f"(broken chain on base snapshot {base_id})")
     return _Resolved(name, chain, live, src_part, src_row)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -119,16 +120,19 @@ class Recovery:
         job: accept only manifests of this job (``None``: any).
         decode_threads: unused (kept for compatibility): erasure decoding runs stripe by
             stripe while the blocks stream in.
+        read_threads: parts of a chain read at once (mapped and checked, or streamed from
+            the peers): the page-table work, checksums and socket reads release the GIL.
     """
 
     def __init__(self, sources: Mapping[int, PartSource], local_host: int | None = None, *,
                  checkpoint_dir: str | None = None, job: str | None = None,
-                 decode_threads: int = 1) -> None:
+                 decode_threads: int = 1, read_threads: int = 2) -> None:
         self.sources = dict(sources)
         self.local_host = local_host
         self.checkpoint_dir = checkpoint_dir
         self.job = job
         self.decode_threads = int(decode_threads)
+        self.read_threads = max(1, int(read_threads))
         self._mappings: list[Any] = []
         self.steps: list[str] = []
 
@@ -233,13 +237,17 @@ class Recovery:
     def _decode_chain(self, recs: Sequence[PartRecord]) -> list[Any]:
         from monolith_py.snapshot.pspart import decode_part
 
-        parts = []
-        for rec in recs:
+        def read(rec: PartRecord) -> Any:
             part = decode_part(self.part_bytes(rec), verified=True)  # crc checked there
             if part.snapshot_id != rec.snapshot_id or part.kind != rec.kind:
                 raise SnapshotError(f"{rec.participant}: part content does not match its record")
-            parts.append(part)
-        return parts
+            return part
+
+        if self.read_threads == 1 or len(recs) == 1:
+            return [read(rec) for rec in recs]
+        with ThreadPoolExecutor(min(self.read_threads, len(recs)),
+                                thread_name_prefix="restore-read") as pool:
+            return list(pool.map(read, recs))
 
     def _ps_state(self, cat: Catalog, p: str, man: Manifest, stage: Stage | None) -> Any:
         """Compose ``p``'s chain at ``man``, starting from the newest composed full part an

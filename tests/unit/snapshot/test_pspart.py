@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -151,3 +153,45 @@ def test_broken_chain_and_corrupt_parts_are_detected() -> None:
         decode_part(frame)
     with pytest.raises(DecodeError):
         decode_part(bytes(frame[: len(frame) // 3]))
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_long_chains_compose_in_one_pass(seed: int) -> None:
+    import dataclasses
+
+    from monolith_py.snapshot.compose import compose
+
+    rng = np.random.default_rng(seed)
+    shard = PSShard(0, 1, TABLES)
+    cap = ShardCapturer(shard)
+    now = 1
+    for _ in range(4):
+        _step(shard, rng, now)
+        now += 3
+    chain = [decode_part(cap.capture(1, 1, None).frame())]
+    for sid in range(2, 10):
+        for _ in range(int(rng.integers(1, 5))):
+            _step(shard, rng, now)
+            now += int(rng.integers(1, 20))
+        chain.append(decode_part(cap.capture(sid, sid, base_id=sid - 1).frame()))
+        assert_states_equal(compose(chain), shard.state_dict(), f"chain of {len(chain)}")
+    # a live key whose row every part lost: found in no part of the chain
+    lost = int(chain[-1].tables["user"].live[0])
+
+    def without(p: Any) -> Any:
+        t = p.tables["user"]
+        ok = t.meta[:, 0] != lost
+        t = dataclasses.replace(t, meta=t.meta[ok], weights=t.weights[ok],
+                                slots={s: a[ok] for s, a in t.slots.items()},
+                                size=int(ok.sum()))
+        return dataclasses.replace(p, tables={**p.tables, "user": t})
+
+    with pytest.raises(CorruptDataError, match="1 live keys are in no part of the chain"):
+        compose([without(p) for p in chain])
+    # the newest increment holds a row its live list does not: a wrong live list
+    t = chain[-1].tables["item"]
+    assert t.live is not None and t.meta.shape[0] > 0
+    wrong = dataclasses.replace(t, live=np.setdiff1d(t.live, t.meta[:1, 0]))
+    with pytest.raises(CorruptDataError, match="not live"):
+        compose([*chain[:-1], dataclasses.replace(chain[-1],
+                                                  tables={**chain[-1].tables, "item": wrong})])
