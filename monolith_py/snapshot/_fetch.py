@@ -27,7 +27,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import crc32c
+import numpy as np
 import zfec
+from numba import njit
 
 from monolith_py.errors import CorruptDataError, MonolithError
 from monolith_py.snapshot.manifest import PartRecord
@@ -253,3 +255,185 @@ def fetch_decoded(sources: Mapping[int, Any], rec: PartRecord, why: list[str],
         for i, problem in sorted(failed.items()):
             why.append(problem)
             excluded.add(i)
+
+
+# -- parts composed while their rows stream in (no buffer for the rows) -----------------------
+
+_LAZY = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+_HEAD = 64 << 10  # first read of a part: the frame prefix and (usually) its whole header
+_GAP = 64 << 10   # arrays closer than this are read in one range
+
+
+@njit(cache=True, nogil=True)
+def _scatter_rows(out, dest_rows, src, src_rows, base):  # type: ignore[no-untyped-def]
+    """out[dest_rows[t]] = src[src_rows[t] - base] (2-D arrays of one width)."""
+    w = src.shape[1]
+    for t in range(src_rows.shape[0]):
+        o = dest_rows[t]
+        r = src_rows[t] - base
+        for j in range(w):
+            out[o, j] = src[r, j]
+
+
+class RowTarget:
+    """Rows of one array of a part to write elsewhere as they stream past: row
+    ``src_rows[t]`` (increasing) of the array goes to row ``dest_rows[t]`` of ``out``."""
+
+    def __init__(self, start: int, nrows: int, out: np.ndarray, src_rows: np.ndarray,
+                 dest_rows: np.ndarray) -> None:
+        self.start, self.nrows, self.out = start, nrows, out
+        self.row_bytes = out.shape[1] * out.dtype.itemsize
+        self.end = start + nrows * self.row_bytes
+        self.src_rows = np.ascontiguousarray(src_rows, dtype=np.int64)
+        self.dest_rows = np.ascontiguousarray(dest_rows, dtype=np.int64)
+        self.carry = np.empty(self.row_bytes, dtype=np.uint8)  # a row split between chunks
+
+    def _put(self, rows: np.ndarray, first: int) -> None:
+        """Scatter the needed ones of rows ``first .. first + len(rows)``."""
+        i0, i1 = np.searchsorted(self.src_rows, (first, first + rows.shape[0]))
+        if i1 > i0:
+            _scatter_rows(self.out, self.dest_rows[i0:i1], rows, self.src_rows[i0:i1], first)
+
+    def feed(self, pos: int, data: np.ndarray) -> None:
+        """Bytes ``data`` (uint8) at part offset ``pos``; called in increasing order."""
+        a, b = max(pos, self.start), min(pos + data.shape[0], self.end)
+        if a >= b:
+            return
+        rel, w = a - self.start, self.row_bytes
+        seg = data[a - pos: b - pos]
+        head = (-rel) % w  # bytes that finish the row split at the previous chunk's end
+        if head:
+            done = rel % w
+            n = min(head, seg.shape[0])
+            self.carry[done: done + n] = seg[:n]
+            if done + n == w:
+                self._put(self.carry.view(self.out.dtype).reshape(1, -1), rel // w)
+            seg, rel = seg[n:], rel + n
+        full = seg.shape[0] // w
+        if full:
+            rows = seg[: full * w].view(self.out.dtype).reshape(full, -1)
+            self._put(rows, rel // w)
+        tail = seg.shape[0] - full * w
+        if tail:
+            self.carry[:tail] = seg[full * w:]
+
+
+class SparsePart:
+    """A part on the peers of which only the header and the arrays a composition needs
+    whole (row metadata, live keys, small arrays) were read, into a buffer whose other
+    pages were never touched; :meth:`fill` streams the data blocks once more, checks
+    every byte against the sealed block crc32c and the bytes read before, and hands the
+    row arrays' rows to their :class:`RowTarget` as they pass."""
+
+    def __init__(self, rec: PartRecord, buf: Any, view: memoryview,
+                 entries: dict[str, tuple[int, int]], read: list[tuple[int, int]]) -> None:
+        self.rec, self._buf, self.view = rec, buf, view
+        self.entries = entries  # array name -> (part offset, bytes)
+        self.read = read        # part byte ranges read, sorted, disjoint
+
+    def fill(self, sources: Mapping[int, Any], targets: list[RowTarget]) -> None:
+        """Stream data blocks ``0 .. k-1`` in order into ``targets``; raises
+        :class:`CorruptDataError` (a block that fails its crc, or bytes that differ from
+        those read before) or :class:`MonolithError` (a host gone)."""
+        rec, bs = self.rec, self.rec.block_size
+        mine = np.frombuffer(self.view, dtype=np.uint8)
+        targets = sorted(targets, key=lambda t: t.start)
+        for i in range(rec.k):
+            base = i * bs
+            state = {"crc": 0, "pos": 0}
+
+            def sink(off: int, chunk: memoryview, base: int = base,
+                     state: dict[str, int] = state) -> None:
+                n = chunk.nbytes
+                if off != state["pos"] or off + n > bs:
+                    raise CorruptDataError(f"chunk [{off}, +{n}) out of order or past the end")
+                state["crc"] = crc32c.crc32c(chunk, state["crc"])
+                state["pos"] = off + n
+                p0, p1 = base + off, base + off + n
+                data = np.frombuffer(chunk, dtype=np.uint8)
+                for a, b in self.read:
+                    lo, hi = max(a, p0), min(b, p1)
+                    if lo < hi and not np.array_equal(data[lo - p0: hi - p0], mine[lo:hi]):
+                        raise CorruptDataError("bytes differ from those read before")
+                for t in targets:
+                    if t.start < p1 and t.end > p0:
+                        t.feed(p0, data)
+
+            host = rec.placement[i]
+            src = sources.get(host)
+            if src is None:
+                raise CorruptDataError(f"block {i}: host {host} not in the group")
+            size = _stream(src, "block", (*rec.key, i), sink, bs)
+            if size is None:
+                raise CorruptDataError(f"block {i}: missing on host {host}")
+            if size != bs or state["crc"] != rec.block_crcs[i]:
+                raise CorruptDataError(f"block {i} on host {host} corrupt")
+
+
+def _read_range(sources: Mapping[int, Any], rec: PartRecord, out: memoryview,
+                lo: int, hi: int) -> None:
+    """Part bytes ``[lo, hi)`` into ``out[lo:hi]`` from the data blocks that hold them."""
+    bs = rec.block_size
+    while lo < hi:
+        i = lo // bs
+        end = min(hi, (i + 1) * bs)
+        src = sources[rec.placement[i]]
+        fn = getattr(src, "read_block_into", None)
+        if fn is not None:
+            ok = fn((*rec.key, i), lo - i * bs, out[lo:end])
+        else:
+            data = src.get_block((*rec.key, i), lo - i * bs, end - lo)
+            ok = data is not None and len(data) == end - lo
+            if ok:
+                out[lo:end] = data
+        if not ok:
+            raise CorruptDataError(f"block {i} missing on host {rec.placement[i]}")
+        lo = end
+
+
+def fetch_sparse(sources: Mapping[int, Any], rec: PartRecord, why: list[str],
+                 want: Callable[[str], bool], min_bytes: int = 4 * _HEAD) -> SparsePart | None:
+    """Read the header of a part and its arrays ``want(name)`` from the hosts of its data
+    blocks (no decoding: every data block must be reachable); ``None`` (reason in
+    ``why``) when one is not, or when the part is smaller than ``min_bytes``. The bytes read
+    are verified later, by :meth:`SparsePart.fill`."""
+    from monolith_py.wire import decode_arrays
+
+    hosts = [rec.placement[i] for i in range(rec.k)]
+    if any(sources.get(h) is None for h in hosts):
+        why.append(f"data blocks not all reachable (hosts {hosts})")
+        return None
+    size = rec.size
+    if size < max(min_bytes, 16):
+        why.append("small part: read whole")
+        return None
+    buf = mmap.mmap(-1, rec.k * rec.block_size, flags=_LAZY)  # pages touched only if read
+    view = memoryview(buf)[:size]
+    try:
+        head = min(size, _HEAD)
+        _read_range(sources, rec, view, 0, head)
+        header_len = int.from_bytes(view[8:12], "little")
+        end = min(size, 16 + header_len)
+        if end > head:
+            _read_range(sources, rec, view, head, end)
+        arrays, _ = decode_arrays(view, require_checksum=True, verified=True)
+        start = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        entries = {name: (int(a.__array_interface__["data"][0] - start) if a.nbytes else 0,
+                          int(a.nbytes)) for name, a in arrays.items()}
+        del arrays
+        read, done = [(0, end)], end  # part bytes [0, done) read so far
+        for lo, hi in sorted((lo, lo + n) for name, (lo, n) in entries.items()
+                             if n and want(name)):
+            if hi <= done:
+                continue
+            if lo - done < _GAP:  # close to the last range: extend it
+                _read_range(sources, rec, view, done, hi)
+                read[-1] = (read[-1][0], hi)
+            else:
+                _read_range(sources, rec, view, lo, hi)
+                read.append((lo, hi))
+            done = hi
+    except MonolithError as exc:
+        why.append(f"sparse read failed ({type(exc).__name__}: {exc})")
+        return None
+    return SparsePart(rec, buf, view, entries, read)

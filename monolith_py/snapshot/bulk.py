@@ -10,7 +10,8 @@ and ``StreamPart``, with one kernel copy on each side:
 
 * request: a 4-byte big-endian length, then a wire frame (crc32c required, at most
   :data:`MAX_REQUEST` bytes) whose meta is ``{"op": "block" | "part", "participant",
-  "snapshot_id", "kind"[, "index"]}``;
+  "snapshot_id", "kind"[, "index"][, "offset", "length"]}`` (a byte range: restores
+  read a part's header and key columns first, see :mod:`~monolith_py.snapshot._fetch`);
 * answer: a 4-byte length and a frame ``{"found": bool, "size": n}`` (or ``{"error":
   text}`` for a bad request, after which the server closes the connection), then ``n``
   raw bytes. A connection may carry several requests one after the other.
@@ -198,11 +199,28 @@ class BulkServer:
             conn.sendall(_message({"found": False}))
             return True
         with reader as view:  # pinned until sent (or the peer gives up)
-            n = view.nbytes
-            conn.sendall(_message({"found": True, "size": n}))
-            for lo in range(0, n, 4 * CHUNK):
-                conn.sendall(view[lo: lo + 4 * CHUNK])
+            try:
+                lo, hi = _range(meta, view.nbytes)
+            except InvalidInputError as exc:
+                self._on_reject()
+                conn.sendall(_message({"error": f"{type(exc).__name__}: {exc}"[:2000]}))
+                return False
+            conn.sendall(_message({"found": True, "size": hi - lo}))
+            for a in range(lo, hi, 4 * CHUNK):
+                conn.sendall(view[a: min(a + 4 * CHUNK, hi)])
         return True
+
+
+def _range(meta: Mapping[str, Any], size: int) -> tuple[int, int]:
+    """The byte range a request asks for: ``offset`` and ``length`` (both optional)."""
+    off, length = meta.get("offset", 0), meta.get("length")
+    if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off <= size:
+        raise InvalidInputError(f"offset must be an int in [0, {size}], got {off!r}")
+    if length is None:
+        return off, size
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= size - off:
+        raise InvalidInputError(f"length must be an int in [0, {size - off}], got {length!r}")
+    return off, off + length
 
 
 def bulk_read(address: tuple[str, int], meta: Mapping[str, Any], sink: Sink, *,
@@ -233,9 +251,10 @@ def bulk_read(address: tuple[str, int], meta: Mapping[str, Any], sink: Sink, *,
             raise InvalidInputError(f"{where}: {head['error']}")
         if not head.get("found"):
             return None
-        size = head.get("size")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise CorruptDataError(f"{where}: bad size {size!r}")
+        announced = head.get("size")
+        if isinstance(announced, bool) or not isinstance(announced, int) or announced < 0:
+            raise CorruptDataError(f"{where}: bad size {announced!r}")
+        size = announced
         buf = memoryview(bytearray(min(CHUNK, max(size, 1))))
         while pos < size:
             want = min(buf.nbytes, size - pos)

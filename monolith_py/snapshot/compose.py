@@ -42,7 +42,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -192,13 +192,26 @@ def _resolve(name: str, chain: Sequence[TablePart], base_id: int) -> _Resolved:
     return _Resolved(name, chain, live, src_part, src_row)
 
 
+Plan = dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]]
+"""``{(table, part index): (src_rows, dest_rows, weights, {slot: array})}``: for each part
+whose row arrays were deferred, which of its rows (increasing) go to which rows of the
+composed ``weights`` and slots."""
+
+
 def _fill(res: _Resolved, meta: np.ndarray, weights: np.ndarray,
-          slots: Mapping[str, np.ndarray]) -> None:
-    """Gather every row of ``res`` into ``meta`` ``[n, 4]``, ``weights``, ``slots``."""
+          slots: Mapping[str, np.ndarray], deferred: Collection[int] = (),
+          plan: Plan | None = None) -> None:
+    """Gather every row of ``res`` into ``meta`` ``[n, 4]``, ``weights``, ``slots``; the
+    weights and slots of the parts in ``deferred`` are left to the caller (``plan``)."""
     if res.src_part is None:  # one key-sorted full part: a straight copy
         tp = res.chain[0]
         if res.rows:
             _copy_into(meta, tp.meta)
+            if 0 in deferred:
+                assert plan is not None
+                every = np.arange(res.rows, dtype=np.int64)
+                plan[(res.name, 0)] = (every, every, weights, dict(slots))
+                return
             _copy_into(weights, tp.weights)
             for s, out in slots.items():
                 _copy_into(out, tp.slots[s])
@@ -210,6 +223,11 @@ def _fill(res: _Resolved, meta: np.ndarray, weights: np.ndarray,
             continue
         rows = res.src_row[out_rows]
         _gather_into(meta, tp.meta, out_rows, rows)
+        if j in deferred:
+            assert plan is not None
+            order = np.argsort(rows, kind="stable")
+            plan[(res.name, j)] = (rows[order], out_rows[order], weights, dict(slots))
+            continue
         _gather_into(weights, tp.weights, out_rows, rows)
         for s, out in slots.items():
             _gather_into(out, tp.slots[s], out_rows, rows)
@@ -239,7 +257,8 @@ def _columns(sd: MutableMapping[str, Any], keys: np.ndarray, meta: np.ndarray,
         sd[f"slot.{s}"] = a
 
 
-def _table_state(res: _Resolved, stage: Stage | None) -> MutableMapping[str, Any]:
+def _table_state(res: _Resolved, stage: Stage | None, deferred: Collection[int] = (),
+                 plan: Plan | None = None) -> MutableMapping[str, Any]:
     tp, n = res.newest, res.rows
     staged = stage(res.name, n) if stage is not None else None
     if staged is not None and (staged.meta.shape != (n, 4) or staged.weights.shape != (
@@ -247,18 +266,18 @@ def _table_state(res: _Resolved, stage: Stage | None) -> MutableMapping[str, Any
             s: (n, a.shape[1]) for s, a in tp.slots.items()}):
         staged = None  # the part does not fit the table: new arrays (its load will say why)
     if staged is not None:
-        _fill(res, staged.meta, staged.weights, staged.slots)
+        _fill(res, staged.meta, staged.weights, staged.slots, deferred, plan)
         staged.update(_scalars(tp))
         staged["keys"] = res.live  # equal to the key column (checked by _fill), contiguous
         return staged  # type: ignore[no-any-return]
     sd = _scalars(tp)
-    if res.src_part is None:  # views of the part, no copy
+    if res.src_part is None and 0 not in deferred:  # views of the part, no copy
         _columns(sd, res.live, tp.meta, tp.weights, dict(tp.slots))
         return sd
     meta = np.empty((n, 4), dtype=np.int64)
     weights = np.empty((n, tp.dim), dtype=np.float32)
     slots = {s: np.empty((n, a.shape[1]), dtype=np.float32) for s, a in tp.slots.items()}
-    _fill(res, meta, weights, slots)
+    _fill(res, meta, weights, slots, deferred, plan)
     _columns(sd, res.live, meta, weights, slots)
     return sd
 
@@ -282,18 +301,24 @@ def _resolve_all(chain: Sequence[DecodedPart]) -> list[_Resolved]:
             for name in newest.tables]
 
 
-def compose(chain: Sequence[DecodedPart], stage: Stage | None = None) -> dict[str, Any]:
+def compose(chain: Sequence[DecodedPart], stage: Stage | None = None, *,
+            deferred: Collection[int] = (), plan: Plan | None = None) -> dict[str, Any]:
     """The shard state dict at the newest part of ``chain`` (a full part first, then the
     increments on top of it, oldest first).
 
     ``stage(name, rows)`` may return a staged table state to compose that table into (see
     the module docstring); the returned state then holds it for ``PSShard.load_state_dict``.
+    ``deferred``: indices of chain parts whose weights and slots are not in memory (a
+    restore streams them from the peers): their rows are not gathered but described in
+    ``plan`` (see :data:`Plan`) for the caller to write.
     """
+    if deferred and plan is None:
+        raise ValueError("deferred parts need a plan to describe their rows")
     resolved = _resolve_all(chain)
     newest = chain[-1]
     return {"format": _SHARD_FORMAT, "shard_id": newest.shard_id,
             "num_shards": newest.num_shards, "routing_version": newest.routing_version,
-            "tables": {r.name: _table_state(r, stage) for r in resolved}}
+            "tables": {r.name: _table_state(r, stage, deferred, plan) for r in resolved}}
 
 
 def compose_frame(chain: Sequence[DecodedPart], snapshot_id: int, step: int,

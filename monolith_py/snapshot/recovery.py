@@ -29,7 +29,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -110,6 +110,12 @@ class Restored:
     log: list[str] = field(default_factory=list)
 
 
+def _checked(part: Any, rec: PartRecord) -> Any:
+    if part.snapshot_id != rec.snapshot_id or part.kind != rec.kind:
+        raise SnapshotError(f"{rec.participant}: part content does not match its record")
+    return part
+
+
 class Recovery:
     """Rebuild participants' states from the SMPs of a group, or from disk.
 
@@ -122,17 +128,23 @@ class Recovery:
             stripe while the blocks stream in.
         read_threads: parts of a chain read at once (mapped and checked, or streamed from
             the peers): the page-table work, checksums and socket reads release the GIL.
+        stream_rows: compose a PS restore (``stage=``) with the rows of remote parts
+            streamed into the tables rather than read into buffers first (parts of at
+            least ``stream_min_bytes``).
     """
 
     def __init__(self, sources: Mapping[int, PartSource], local_host: int | None = None, *,
                  checkpoint_dir: str | None = None, job: str | None = None,
-                 decode_threads: int = 1, read_threads: int = 2) -> None:
+                 decode_threads: int = 1, read_threads: int = 2,
+                 stream_rows: bool = True, stream_min_bytes: int = 1 << 20) -> None:
         self.sources = dict(sources)
         self.local_host = local_host
         self.checkpoint_dir = checkpoint_dir
         self.job = job
         self.decode_threads = int(decode_threads)
         self.read_threads = max(1, int(read_threads))
+        self.stream_rows = bool(stream_rows)
+        self.stream_min_bytes = int(stream_min_bytes)
         self._mappings: list[Any] = []
         self.steps: list[str] = []
 
@@ -234,37 +246,119 @@ class Recovery:
 
     # -- chains and participants ---------------------------------------------------------------
 
+    def _map_parts(self, recs: Sequence[PartRecord], read: Callable[[int, PartRecord], Any]
+                   ) -> list[Any]:
+        """``read(index, rec)`` of every chain part, ``read_threads`` at a time."""
+        if self.read_threads == 1 or len(recs) == 1:
+            return [read(j, rec) for j, rec in enumerate(recs)]
+        with ThreadPoolExecutor(min(self.read_threads, len(recs)),
+                                thread_name_prefix="restore-read") as pool:
+            return list(pool.map(read, range(len(recs)), recs))
+
     def _decode_chain(self, recs: Sequence[PartRecord]) -> list[Any]:
         from monolith_py.snapshot.pspart import decode_part
 
-        def read(rec: PartRecord) -> Any:
-            part = decode_part(self.part_bytes(rec), verified=True)  # crc checked there
-            if part.snapshot_id != rec.snapshot_id or part.kind != rec.kind:
-                raise SnapshotError(f"{rec.participant}: part content does not match its record")
-            return part
+        def read(j: int, rec: PartRecord) -> Any:
+            return _checked(decode_part(self.part_bytes(rec), verified=True), rec)
 
-        if self.read_threads == 1 or len(recs) == 1:
-            return [read(rec) for rec in recs]
-        with ThreadPoolExecutor(min(self.read_threads, len(recs)),
-                                thread_name_prefix="restore-read") as pool:
-            return list(pool.map(read, recs))
+        return self._map_parts(recs, read)
+
+    def _compose(self, recs: Sequence[PartRecord], stage: Stage | None) -> Any:
+        """The chain ``recs`` composed; into ``stage`` with the rows of the parts that are
+        not local streamed from the peers when every data block can be read (see
+        :meth:`_compose_streamed`), else from parts read whole."""
+        from monolith_py.snapshot.compose import compose
+
+        if stage is not None and self.stream_rows:
+            staged: dict[tuple[str, int], Any] = {}
+            first = stage
+
+            def once(table: str, rows: int) -> Any:  # a second try refills the same arenas
+                if (table, rows) not in staged:
+                    staged[(table, rows)] = first(table, rows)
+                return staged[(table, rows)]
+
+            try:
+                return self._compose_streamed(recs, once)
+            except MonolithError as exc:
+                self._note(f"{recs[-1].participant}: streaming the rows failed ({exc}); "
+                           "reading the parts whole")
+            stage = once
+        return compose(self._decode_chain(recs), stage)
+
+    def _compose_streamed(self, recs: Sequence[PartRecord], stage: Stage) -> Any:
+        """Compose without a buffer for the row arrays of remote parts: read each such
+        part's header, row metadata and small arrays (and the newest's live keys) from the
+        hosts of its data blocks, resolve the chain, then stream the data blocks once and
+        write each needed row straight into the staged tables while every block is checked
+        against its sealed crc32c. A new process's memory is slow to fault in (here 3 s
+        per GiB on first touch), and this way a restore from peers touches only the
+        tables it fills."""
+        from monolith_py.snapshot._fetch import RowTarget, fetch_sparse
+        from monolith_py.snapshot.compose import compose
+        from monolith_py.snapshot.pspart import decode_part
+
+        local = self.sources.get(self.local_host) if self.local_host is not None else None
+        newest = len(recs) - 1
+        sparse: dict[int, Any] = {}
+
+        def read(j: int, rec: PartRecord) -> Any:
+            name = f"{rec.participant} {rec.kind} part of snapshot {rec.snapshot_id}"
+            why: list[str] = []
+            if local is not None and rec.home == self.local_host:
+                view = self._local(local, rec, why)
+                if view is not None:
+                    self._note(f"{name}: local SMP copy")
+                    return _checked(decode_part(view, verified=True), rec)
+
+            def want(array: str) -> bool:  # t<i>.<what>: rows stream, live keys: newest
+                what = array.split(".", 1)[-1]
+                return not (what == "w" or what.startswith("s.")) and (
+                    what != "live" or j == newest)
+
+            sp = fetch_sparse(self.sources, rec, why, want, self.stream_min_bytes)
+            if sp is None:
+                if why:
+                    self._note(f"{name}: not streamed ({why[-1]}); read whole")
+                return _checked(decode_part(self.part_bytes(rec), verified=True), rec)
+            hosts = ", ".join(str(rec.placement[i]) for i in range(rec.k))
+            self._note(f"{name}: data blocks read from hosts {hosts} while their rows stream "
+                       f"into the tables, nothing to decode ({'; '.join(why)})")
+            sparse[j] = sp
+            return _checked(decode_part(sp.view, verified=True), rec)
+
+        parts = self._map_parts(recs, read)
+        if not sparse:  # all local (or read whole)
+            return compose(parts, stage)
+        plan: dict[Any, Any] = {}
+        state = compose(parts, stage, deferred=set(sparse), plan=plan)
+        targets: dict[int, list[Any]] = {j: [] for j in sparse}
+        for (table, j), (src_rows, dest_rows, weights, slots) in plan.items():
+            index = {t["name"]: i for i, t in enumerate(parts[j].meta["tables"])}[table]
+            rows = parts[j].tables[table].weights.shape[0]
+            for array, out in (("w", weights), *((f"s.{s}", a) for s, a in slots.items())):
+                start, _ = sparse[j].entries[f"t{index}.{array}"]
+                targets[j].append(RowTarget(start, rows, out, src_rows, dest_rows))
+
+        order = sorted(sparse)
+        self._map_parts([sparse[j].rec for j in order],
+                        lambda i, rec: sparse[order[i]].fill(self.sources, targets[order[i]]))
+        return state
 
     def _ps_state(self, cat: Catalog, p: str, man: Manifest, stage: Stage | None) -> Any:
         """Compose ``p``'s chain at ``man``, starting from the newest composed full part an
         SMP recorded in the chain (if it reads), else from the chain's own full part."""
-        from monolith_py.snapshot.compose import compose
-
         chain = list(man.chain(p))
         for i in range(len(chain) - 1, -1, -1):
             full = cat.records.get((p, chain[i].snapshot_id, "full"))
             if full is not None and full.key != chain[i].key:
                 try:
-                    return compose(self._decode_chain([full, *chain[i + 1:]]), stage)
+                    return self._compose([full, *chain[i + 1:]], stage)
                 except MonolithError as exc:
                     self._note(f"{p}: composed full part of {chain[i].snapshot_id} unusable "
                                f"({exc}); trying the chain")
                 break
-        return compose(self._decode_chain(chain), stage)
+        return self._compose(chain, stage)
 
     def _build(self, cat: Catalog, man: Manifest, p: str, stage: Stage | None = None
                ) -> Restored:

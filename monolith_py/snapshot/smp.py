@@ -340,7 +340,7 @@ class SMPClient:
         self.host_id = host_id
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stubs: dict[str, Any] = {}
-        self._bulk: tuple[str, int] | None | bool = None  # None: not asked; False: none
+        self._bulk: tuple[str, int] | bool | None = None  # None: not asked; False: none
 
     def close(self) -> None:
         self._channel.close()
@@ -377,7 +377,7 @@ class SMPClient:
                 self._bulk = (self.address.rsplit(":", 1)[0].strip("[]"), _int(m, "port", 1))
             except (SnapshotError, InvalidInputError):  # UNIMPLEMENTED: an older SMP
                 self._bulk = False
-        return self._bulk or None
+        return self._bulk if isinstance(self._bulk, tuple) else None
 
     def _stream(self, method: str, meta: dict[str, Any],
                 sink: Callable[[int, memoryview], None], size_hint: int | None) -> int | None:
@@ -448,6 +448,35 @@ class SMPClient:
         p, sid, kind, idx = key
         return self._stream("StreamBlock", {"participant": p, "snapshot_id": sid,
                                             "kind": kind, "index": idx}, sink, size_hint)
+
+    def read_block_into(self, key: BlockKey, offset: int, out: memoryview) -> bool:
+        """Bytes ``[offset, offset + len(out))`` of block ``key`` into ``out``; ``False``
+        when the block is not held there (data port, else ranged ``GetBlock`` calls)."""
+        p, sid, kind, idx = key
+        n = out.nbytes
+        addr = self._bulk_address()
+        if addr is not None:
+            def sink(off: int, chunk: memoryview) -> None:
+                if off + chunk.nbytes > n:
+                    raise CorruptDataError(f"SMP {self.address}: more than the {n} bytes asked")
+                out[off: off + chunk.nbytes] = chunk
+
+            got = bulk_read(addr, {"op": "block", "participant": p, "snapshot_id": sid,
+                                   "kind": kind, "index": idx, "offset": int(offset),
+                                   "length": n}, sink, timeout_s=self.timeout_s)
+            if got is None:
+                return False
+            if got != n:
+                raise CorruptDataError(f"SMP {self.address}: {got} of {n} bytes")
+            return True
+        for lo in range(0, n, _CHUNK):
+            data = self.get_block(key, offset + lo, min(_CHUNK, n - lo))
+            if data is None:
+                return False
+            if len(data) != min(_CHUNK, n - lo):
+                raise CorruptDataError(f"SMP {self.address}: short block range")
+            out[lo: lo + len(data)] = data
+        return True
 
     def stream_part(self, key: PartKey, sink: Callable[[int, memoryview], None],
                     size_hint: int | None = None) -> int | None:

@@ -516,6 +516,18 @@ class SnapshotStore:
         ``None`` when not held (the in-process twin of ``SMPClient.stream_block``)."""
         return _stream_to(self.open_block(key), sink)
 
+    def read_block_into(self, key: BlockKey, offset: int, out: memoryview) -> bool:
+        """Bytes ``[offset, offset + len(out))`` of block ``key`` into ``out``; ``False``
+        when not held (the in-process twin of ``SMPClient.read_block_into``)."""
+        reader = self.open_block(key)
+        if reader is None:
+            return False
+        with reader as view:
+            if offset < 0 or offset + out.nbytes > view.nbytes:
+                raise InvalidInputError(f"range [{offset}, +{out.nbytes}) outside block {key}")
+            out[:] = view[offset: offset + out.nbytes]
+        return True
+
     def stream_part(self, key: PartKey, sink: Callable[[int, memoryview], None],
                     size_hint: int | None = None) -> int | None:
         """:meth:`stream_block` for the whole part."""

@@ -175,3 +175,57 @@ def test_stalled_peers_time_out_and_connections_are_bounded() -> None:
         server.stop()
     with pytest.raises(UnavailableError):
         bulk_read(("127.0.0.1", server.port), {"op": "any"}, lambda o, c: None, timeout_s=5)
+
+
+def test_restore_from_peers_streams_rows_into_the_tables(tmp_path: Any) -> None:
+    """Three SMP servers with data ports; host 0 (the PS's home) is gone: the chain's
+    data blocks are read from hosts 1 and 2 and their rows written straight into a new
+    shard's tables (rows of 20 bytes, so many straddle the 1 MiB socket reads)."""
+    from monolith_py.snapshot.coordinator import SnapshotCoordinator
+    from monolith_py.snapshot.participant import PSParticipant
+    from monolith_py.snapshot.recovery import Recovery
+    from monolith_py.snapshot.smp import smp_clients
+    from monolith_py.table import OptimizerConfig
+    from monolith_py.testing.hosts import free_port
+    from monolith_py.testing.state import assert_states_equal
+
+    ports = [free_port() for _ in range(3)]
+    addrs = [f"127.0.0.1:{p}" for p in ports]
+    servers = [SMPServer(SMPConfig(job="bulk", host_id=h, num_hosts=3, k=2, m=3, keep=2,
+                                   full_every=0, shm_dir=str(tmp_path / f"h{h}")),
+                         port=ports[h], peers=addrs).start(repair=False) for h in range(3)]
+    tables = [TableConfig("a", dim=5, optimizer=OptimizerConfig("adagrad", lr=0.1)),
+              TableConfig("b", dim=3, optimizer=OptimizerConfig("rowwise_adagrad", lr=0.1))]
+    smps = smp_clients(addrs, timeout_s=60.0)
+    shard = PSShard(0, 1, tables)
+    part = PSParticipant(shard, smps[0], 0, group=smps, job="bulk")
+    coord = SnapshotCoordinator("bulk", smps, [part], timeout_s=60.0, hosts=addrs)
+    rng = np.random.default_rng(5)
+    try:
+        for step in range(4):  # a full part, then increments over changed and erased rows
+            for t in tables:
+                keys = np.unique(rng.integers(0, 120_000, 60_000))
+                shard.pull(t.name, keys, train=True)
+                shard.push(t.name, keys, rng.standard_normal((keys.shape[0], t.dim)).astype(
+                    np.float32), 100 + step)
+            with shard.lock:
+                shard.tables["a"].erase(rng.integers(0, 120_000, 500).astype(np.int64))
+            part.wait_shipped(60)
+            man = coord.snapshot(step)
+        expected = shard.state_dict()
+        assert [r.kind for r in man.chain("ps/0")] == ["full", "inc", "inc", "inc"]
+        fresh = PSShard(0, 1, tables)
+        rec = Recovery({1: smps[1], 2: smps[2]}, None, job="bulk", stream_min_bytes=0)
+        r = rec.restore("ps/0", man.snapshot_id,
+                        stage=lambda t, n: fresh.tables[t].staged_state(n))
+        rec.close()
+        assert sum("rows stream into the tables" in s for s in r.log) == 4, r.log
+        fresh.load_state_dict(r.state)
+        assert_states_equal(fresh.state_dict(), expected)
+    finally:
+        coord.close()
+        part.close()
+        for c in smps.values():
+            c.close()
+        for s in servers:
+            s.stop()

@@ -79,3 +79,25 @@ def test_corrupt_block_is_excluded_and_the_part_rebuilt_from_the_others() -> Non
     out = _fetch.fetch_decoded({1: hosts[1], 2: hosts[2], 3: hosts[3]}, rec, why)
     assert out is not None and bytes(out) == data
     assert any("block 1 on host 1 corrupt" in w for w in why)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_row_target_scatters_rows_split_across_any_chunking(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    rows, width = int(rng.integers(1, 400)), int(rng.integers(1, 9))
+    src = rng.standard_normal((rows, width)).astype(np.float32)
+    start = int(rng.integers(0, 64))
+    blob = np.zeros(start + src.nbytes + int(rng.integers(0, 64)), dtype=np.uint8)
+    blob[start: start + src.nbytes] = src.view(np.uint8).ravel()
+    take = np.sort(rng.choice(rows, size=int(rng.integers(0, rows + 1)), replace=False))
+    dest = rng.permutation(take.shape[0])
+    out = np.full((take.shape[0], width), np.nan, dtype=np.float32)
+    target = _fetch.RowTarget(start, rows, out, take, dest)
+    pos = 0
+    while pos < blob.shape[0]:  # chunks of any size, many splitting a row
+        n = int(rng.integers(1, 3 * width * 4 + 2))
+        target.feed(pos, blob[pos: pos + n])
+        pos += n
+    expected = np.empty_like(out)
+    expected[dest] = src[take]
+    assert np.array_equal(out, expected)

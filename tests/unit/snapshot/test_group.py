@@ -117,21 +117,45 @@ def _restore(group: LocalGroup, who: str, host: int, sid: int | None = None,
         rec.close()
 
 
-def test_local_then_erasure_decode_after_host_loss(group: LocalGroup) -> None:
+def _restore_staged(group: LocalGroup, who: str, host: int, sid: int | None = None) -> Any:
+    """As a restarted PS restores: composed into a new shard's tables (rows of remote
+    parts streamed into them); ``state`` is then that shard's state_dict."""
+    if not who.startswith("ps/"):
+        return _restore(group, who, host, sid)
+    fresh = PSShard(int(who.split("/")[1]), 2, TABLES)
+    rec = Recovery(group.sources(), host, job="test", stream_min_bytes=0)
+    try:
+        r = rec.restore(who, sid, stage=lambda t, n: fresh.tables[t].staged_state(n))
+    finally:
+        rec.close()
+    fresh.load_state_dict(r.state)
+    r.state = fresh.state_dict()
+    return r
+
+
+@pytest.fixture(params=["buffered", "staged"])
+def restore(request: Any) -> Any:
+    return _restore if request.param == "buffered" else _restore_staged
+
+
+def test_local_then_erasure_decode_after_host_loss(group: LocalGroup, restore: Any) -> None:
     job = Job(group)
     for _ in range(4):
         job.train()
         last = job.snapshot()
     assert [job.coord.last_sealed.parts[p].kind for p in ("ps/0", "trainer/0")] == ["inc", "full"]
-    r = _restore(group, "ps/0", 0)
+    r = restore(group, "ps/0", 0)
     assert r.snapshot_id == last and any("local SMP copy" in s for s in r.log)
     assert_states_equal(r.state, job.expected[last]["ps/0"])
     group.kill(0)                # the whole host and its memory
     group.restart(0)             # comes back empty
-    r = _restore(group, "ps/0", 0)
+    r = restore(group, "ps/0", 0)
     assert r.snapshot_id == last and any("data blocks read from hosts 1, 2" in s for s in r.log)
+    if restore is _restore_staged:  # every part of the chain streamed into the tables
+        streamed = [s for s in r.log if "rows stream into the tables" in s]
+        assert len(streamed) == len(job.coord.last_sealed.chain("ps/0")) > 1
     assert_states_equal(r.state, job.expected[last]["ps/0"])
-    t = _restore(group, "trainer/0", 2)
+    t = restore(group, "trainer/0", 2)
     assert_states_equal(t.state, job.expected[last]["trainer/0"])
     # a restored participant loads the state and continues with a full part
     job.parts[0].shard.load_state_dict(PSShard(0, 2, TABLES).state_dict())
@@ -163,7 +187,7 @@ def test_restarted_smp_repairs_its_share(group: LocalGroup) -> None:
     job.close()
 
 
-def test_corrupt_copies_are_excluded_and_older_snapshot_used(group: LocalGroup) -> None:
+def test_corrupt_copies_are_excluded_and_older_snapshot_used(group: LocalGroup, restore: Any) -> None:
     job = Job(group)
     job.train()
     first = job.snapshot()
@@ -172,20 +196,20 @@ def test_corrupt_copies_are_excluded_and_older_snapshot_used(group: LocalGroup) 
     rec = job.coord.last_sealed.parts["ps/0"]
     assert rec.placement == (1, 2, 0)  # data blocks on the next hosts, parity at home
     group.flip_part(0, rec.key, byte=rec.size // 4)   # the home copy
-    r = _restore(group, "ps/0", 0)
+    r = restore(group, "ps/0", 0)
     assert any("local copy corrupt" in s for s in r.log)
     assert r.snapshot_id == last
     assert_states_equal(r.state, job.expected[last]["ps/0"])
     # a flipped data block on host 1 is excluded; the parity kept at home rebuilds it
     group.flip_block(1, (*rec.key, 0), byte=7)
-    r = _restore(group, "ps/0", 0)
+    r = restore(group, "ps/0", 0)
     assert any("block 0 on host 1 corrupt" in s for s in r.log)
     assert r.snapshot_id == last
     assert_states_equal(r.state, job.expected[last]["ps/0"])
     # the parity flipped too leaves one good block: not enough for k=2, so the newest
     # snapshot is skipped (with its reasons) and the previous one is restored
     group.flip_block(0, (*rec.key, 2), byte=7)
-    r = _restore(group, "ps/0", 0)
+    r = restore(group, "ps/0", 0)
     assert r.snapshot_id == first
     assert any("block 2 on host 0 corrupt: excluded" in s for s in r.log)
     assert_states_equal(r.state, job.expected[first]["ps/0"])
@@ -193,7 +217,7 @@ def test_corrupt_copies_are_excluded_and_older_snapshot_used(group: LocalGroup) 
 
 
 @pytest.mark.parametrize("flip", [[1], [0, 2]])  # a data block; a data and a parity block
-def test_flipped_block_rebuilt_from_parity(tmp_path: Any, flip: list[int]) -> None:
+def test_flipped_block_rebuilt_from_parity(tmp_path: Any, flip: list[int], restore: Any) -> None:
     g = LocalGroup(5, k=2, m=4, root=str(tmp_path / "shm"), job="test")
     try:
         job = Job(g)
@@ -204,7 +228,11 @@ def test_flipped_block_rebuilt_from_parity(tmp_path: Any, flip: list[int]) -> No
         g.kill(0)
         for i in flip:
             g.flip_block(rec.placement[i], (*rec.key, i), byte=3)
-        r = _restore(g, "ps/0", 0)
+        r = restore(g, "ps/0", 0)
+        if restore is _restore_staged:  # the stream (or its first read: block 0 holds the
+            # frame's header) found the corrupt block; the blocks were then decoded
+            assert any("streaming the rows failed" in s or "sparse read failed" in s
+                       for s in r.log)
         assert r.snapshot_id == sid
         for i in flip:
             assert any(f"block {i} on host {rec.placement[i]} corrupt" in s for s in r.log)
