@@ -16,7 +16,14 @@ Reported:
   ``--interval-s`` seconds after the previous one (training is blocked only for that);
   ``stall_ms_per_gb``; ``full_stall_ms``: the first (full) capture.
 * ``overhead_pct``: training throughput lost with a snapshot every ``--interval-s`` vs
-  none; the two modes alternate in windows of ``--window-s`` (medians of the windows).
+  none; the two modes alternate in windows of ``--window-s`` (medians of the windows),
+  after ``--warmup-snapshots`` (one compaction cycle: the SMPs then recycle the segments
+  freed by retention, as a long-running job's do) and once the SMPs are idle.
+* ``smp_cpu_s_per_snapshot``, ``smp_cpu_pct_of_machine``: CPU the three SMP processes
+  used in the windows (per snapshot; as a share of all cores, per mode): the work the
+  overhead comes from when the "hosts" share the training's cores.
+  ``smp_handler_cpu_s``: of it, per SMP and RPC, the CPU spent in request handlers (e.g.
+  ``Lease``: creating and faulting in segments; ``PutBlock``: receiving blocks).
 * ``incremental_bytes_ratio``: increment part size after ``--interval-s`` of training /
   full part size (the same steady-state snapshots as ``stall_ms``).
 * ``encode_mb_per_s``: zfec encode (k=2, m=3, one thread) of the full part.
@@ -26,6 +33,8 @@ Reported:
   into the new shard's tables (as ``PSParticipant.restore`` does) and include building
   the cuckoo index; ``shard_start_s`` is the restarted shard's table allocation before
   the restore (arena pages are mapped when a table is created, restore or not);
+  ``restore_local_log``/``restore_ec_log``: where each part came from. Restores start once
+  no SMP has background work (a compaction) queued or running.
   ``restore_chain_parts`` and ``restore_read_mb``: the parts the restore read (the newest
   full part, composed by the SMP every ``--full-every`` increments, and the increments
   since) and their bytes: a restore reads more than the state between two compactions.
@@ -65,6 +74,13 @@ def register(subparsers: Any) -> None:
                    help="sealed snapshots each SMP retains (1 keeps the bench under ~6 GB)")
     p.add_argument("--full-every", type=int, default=8,
                    help="SMP composes a full part after this many increments (0: never)")
+    p.add_argument("--keep-free-mb", type=int, default=2048,
+                   help="MiB of freed segments each SMP keeps mapped for reuse (new shared "
+                        "memory faults in at up to 3 s/GiB on a VM: without reuse that is "
+                        "most of the SMPs' CPU)")
+    p.add_argument("--warmup-snapshots", type=int, default=9,
+                   help="snapshots every --interval-s before the measured windows (default: "
+                        "one compaction cycle, the SMPs' steady state)")
     p.add_argument("--smp-nice", type=int, default=10,
                    help="nice increment of the SMPs' background (coding, placement) threads")
     p.add_argument("--k", type=int, default=2)
@@ -149,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "k": args.k, "m": args.m, "interval_s": args.interval_s,
                            "keep": args.keep, "full_every": args.full_every,
                            "dense": bool(args.dense), "zipf": args.zipf,
-                           "batch_keys": args.batch_keys}
+                           "batch_keys": args.batch_keys, "keep_free_mb": args.keep_free_mb}
     t0 = time.perf_counter()
     shard = PSShard(0, 1, [cfg])
     chunk = 1 << 18
@@ -165,7 +181,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load = _Load(rows, args)
     work = args.workdir or tempfile.mkdtemp(prefix="monolith-bench-snapshot-")
     cluster = LocalCluster(3, job="bench", k=args.k, m=args.m, keep=args.keep,
-                           full_every=args.full_every, nice=args.smp_nice, keep_free_mb=256,
+                           full_every=args.full_every, nice=args.smp_nice,
+                           keep_free_mb=args.keep_free_mb,
                            workdir=os.path.join(work, "cluster")).start()
     try:
         smps = smp_clients(cluster.smp_addresses, timeout_s=120.0)
@@ -200,17 +217,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         full_bytes = man.parts["ps/0"].size
         out["full_part_mb"] = full_bytes / (1 << 20)
         part.wait_shipped(600)
-        train(args.interval_s, None)
-        coord.snapshot(now[0])
+        # warm-up: one compaction cycle of snapshots, so the SMPs recycle freed segments
+        # as a long-running job's do (new shared memory faults in at up to 3 s/GiB here)
+        for _ in range(max(args.warmup_snapshots, 1)):
+            train(args.interval_s, None)
+            coord.snapshot(now[0])
+            part.wait_shipped(600)
+        coord.wait_idle(600)
+        _wait_idle(smps, 600)  # the warm-up's compaction is not charged to either mode
         last_snap[0] = time.perf_counter()
-        part.wait_shipped(600)
         # alternate windows without / with a snapshot every interval
         thr = {"none": [], "snap": []}
         stalls, inc_sizes = [], []
         any_stalls, any_sizes = [], []  # every snapshot (short windows may have no steady one)
+        smp_cpu = {"none": 0.0, "snap": 0.0}  # CPU seconds the SMP processes used
+        threads: dict[str, float] = {}  # ... by SMP and thread, in the snapshot windows
+        pids = [h.procs["smp"].pid for h in cluster.hosts]
         for _ in range(args.windows):
+            c0 = _cpu_s(pids)
             thr["none"].append(train(args.window_s, None)[0])
+            c1 = _cpu_s(pids)
+            before = _threads(smps)
             t, seals = train(args.window_s, args.interval_s)
+            smp_cpu["none"] += c1 - c0
+            smp_cpu["snap"] += _cpu_s(pids) - c1
+            for k, v in _threads(smps).items():
+                threads[k] = threads.get(k, 0.0) + v - before.get(k, 0.0)
             thr["snap"].append(t)
             for f, stall, gap in seals:
                 m = f.result(timeout=600)
@@ -220,6 +252,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if gap < 1.5 * args.interval_s:  # steady state: the previous one was 1 interval ago
                     inc_sizes.append(m.parts["ps/0"].size)
                     stalls.append(1e3 * stall)
+        out["smp_thread_cpu_s"] = {k: round(v, 2) for k, v in sorted(
+            threads.items(), key=lambda kv: -kv[1]) if v >= 0.05}
         out["steps_per_s_windows"] = {k: [round(x, 2) for x in v] for k, v in thr.items()}
         out["steps_per_s_none"] = statistics.median(thr["none"])
         out["steps_per_s_snapshot"] = statistics.median(thr["snap"])
@@ -232,8 +266,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["snapshots_in_windows"] = len(stalls)
         out["stall_ms_per_gb"] = out["stall_ms"] / (state_bytes / (1 << 30))
         out["incremental_bytes_ratio"] = statistics.median(inc_sizes) / full_bytes if inc_sizes else None
+        out["smp_cpu_s_per_snapshot"] = smp_cpu["snap"] / max(len(any_stalls), 1)
+        out["smp_handler_cpu_s"] = {h: c.stats().get("handler_cpu_s") for h, c in smps.items()}
+        out["smp_cpu_pct_of_machine"] = {
+            mode: 100.0 * smp_cpu[mode] / (args.windows * args.window_s * (os.cpu_count() or 1))
+            for mode in smp_cpu}
         part.wait_shipped(600)
         coord.wait_idle(600)
+        _wait_idle(smps, 600)  # restores measured without a compaction running beside them
         newest = coord.last_sealed
         assert newest is not None
         # encode throughput of a full part, one thread (as the SMP does it)
@@ -260,6 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             stage=lambda table, n: fresh.tables[table].staged_state(n))
             fresh.load_state_dict(r.state)
             out[name] = time.perf_counter() - t
+            out[name.replace("_s", "_log")] = [line[:300] for line in r.log]
             out[name.replace("_s", "_s_per_gb")] = out[name] / state_gb
             if local is not None:  # the parts the restore read (a full part, increments)
                 read = _parts_read(r.log)
@@ -314,6 +355,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cluster.stop()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by processes ``pids`` (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _threads(smps: Any) -> dict[str, float]:
+    """``{"h<host>/<thread>": CPU seconds so far}`` of the SMPs (their Stats)."""
+    return {f"h{h}/{name}": v for h, c in smps.items()
+            for name, v in (c.stats().get("thread_cpu_s") or {}).items()}
+
+
+def _wait_idle(smps: Any, timeout_s: float) -> None:
+    """Until no SMP has background work queued or running (polled)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = [c.stats() for c in smps.values()]
+        if all(not s.get("pending_jobs") and not s.get("busy") for s in stats):
+            return
+        time.sleep(0.2)
 
 
 def _parts_read(log: list[str]) -> list[tuple[str, int]]:

@@ -213,7 +213,9 @@ def repair_manifest(self: SnapshotStore, man: Manifest, sources: dict[int, Any])
     from monolith_py.snapshot.recovery import Recovery
 
     me = self.config.host_id
-    records = [r for p in man.parts for r in man.chain(p)]
+    with self._mu:  # only what retention keeps: a chain a composed full part replaced is
+        keys, _, _ = self._needed()  # freed on purpose, not lost
+        records = [r for p in man.parts for r in man.chain(p) if r.key in keys]
     missing = [r for r in records if _missing_here(self, r)]
     if not missing:
         return

@@ -48,6 +48,8 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
@@ -132,6 +134,8 @@ class SMPServer:
                 f"(--peers), got {list(peers)}")
         self.peers = GrpcPeers(peer_map) if peer_map else None
         self.store = SnapshotStore(config, self.peers, chain_reader=self._chain_reader)
+        self._cpu: dict[str, float] = {}  # CPU seconds spent in each RPC's handler
+        self._cpu_mu = threading.Lock()
         handlers = {
             "Lease": self._lease, "Release": self._release, "Commit": self._commit, "PutPart": self._put_part,
             "WaitPart": self._wait_part, "PutBlock": self._put_block,
@@ -204,6 +208,7 @@ class SMPServer:
     def _wrap(self, name: str, fn: Callable[[dict[str, np.ndarray], dict[str, Any]], bytes]
               ) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            t0 = time.thread_time()
             try:
                 if name == "PutBlock":
                     return fn({"frame": request}, {})  # type: ignore[dict-item]
@@ -218,9 +223,15 @@ class SMPServer:
             except Exception as exc:  # a bug must not take the SMP down
                 log.exception("SMP %s failed", name)
                 context.abort(grpc.StatusCode.INTERNAL, f"SMP: {type(exc).__name__}: {exc}")
+            finally:
+                self._account(name, time.thread_time() - t0)
             return b""  # pragma: no cover
 
         return handle
+
+    def _account(self, method: str, cpu_s: float) -> None:
+        with self._cpu_mu:
+            self._cpu[method] = self._cpu.get(method, 0.0) + cpu_s
 
     def _lease(self, a: Any, m: dict[str, Any]) -> bytes:
         return _frame(self.store.lease(check_participant(m.get("participant")),
@@ -322,7 +333,31 @@ class SMPServer:
         return _frame({"records": [r.to_json() for r in cat["records"]]}, **arrays)
 
     def _stats(self, a: Any, m: Any) -> bytes:
-        return _frame({"stats": self.store.stats()})
+        with self._cpu_mu:
+            cpu = {k: round(v, 3) for k, v in self._cpu.items()}
+        return _frame({"stats": {**self.store.stats(), "handler_cpu_s": cpu,
+                                 "thread_cpu_s": _thread_cpu()}})
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds used so far by this process's threads, by name (threads the runtime
+    started, such as gRPC's, are summed as ``native``); empty where /proc is missing."""
+    names = {t.native_id: t.name.rstrip("0123456789_") or t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(tid), "native")
+        out[name] = round(out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick, 2)
+    return out
 
 
 class SMPClient:

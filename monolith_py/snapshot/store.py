@@ -184,6 +184,7 @@ class SnapshotStore:
         self._closed = False
         self._repair_result: dict[str, int] | None = {}
         self._repair_sources: dict[int, Any] | None = None
+        self._busy = False  # the worker is running a job (coding, placement, compaction)
         self._worker = threading.Thread(target=self._work, name="smp-worker", daemon=True)
         self._worker.start()
         h = str(config.host_id)
@@ -241,7 +242,17 @@ class SnapshotStore:
             if not 0 < nbytes <= seg.capacity:
                 raise InvalidInputError(f"{nbytes} bytes do not fit segment {segment}")
             del self._leases[segment]
-        blob = _Blob(seg, int(nbytes))
+        nbytes = int(nbytes)
+        if seg.capacity > 2 * nbytes + (16 << 20):
+            # a lease is sized for the largest recent part; keeping a smaller part in it
+            # would hold (and, for the next lease, fault in afresh) memory it does not use.
+            # Move the part to a segment of its size (recycled ones are warm; a copy runs
+            # at memory speed) and put the lease back in the pool for the next one.
+            small = self.pool.create(nbytes)
+            small.view[:nbytes] = seg.view[:nbytes]
+            self.pool.release(seg)
+            seg = small
+        blob = _Blob(seg, nbytes)
         try:
             key = self._adopt(participant, blob)
         except BaseException:
@@ -324,10 +335,13 @@ class SnapshotStore:
             job = self._queue.get()
             if job is None:
                 return
+            self._busy = True
             try:
                 job()
             except Exception:  # a bug must not kill the worker
                 log.exception("SMP %d: background job failed", self.config.host_id)
+            finally:
+                self._busy = False
 
     def _pin_locked(self, key: Any) -> None:
         """Keep ``key`` from retention until :meth:`_unpin` (holding ``_mu``)."""
@@ -692,7 +706,8 @@ class SnapshotStore:
                     "blocks": len(self._blocks), "manifests": sorted(self._manifests),
                     "records": len(self._records), "stored_bytes": stored,
                     "repair": self._repair_result,
-                    "pending_jobs": self._queue.qsize(), **self.pool.stats()}
+                    "pending_jobs": self._queue.qsize(), "busy": self._busy,
+                    **self.pool.stats()}
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Wait until background jobs queued so far have run (tests, benchmarks)."""
