@@ -358,16 +358,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by processes ``pids`` (Linux /proc)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds used so far by processes ``pids``."""
+    from monolith_py.observe.metrics import proc_cpu_s
+
+    return sum(proc_cpu_s(f"/proc/{pid}/stat") or 0.0 for pid in pids)
 
 
 def _threads(smps: Any) -> dict[str, float]:

@@ -17,6 +17,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -99,3 +101,14 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> Any:
     """Serve ``/metrics`` on ``host:port`` from a daemon thread (port 0 picks a free
     port). Returns ``(server, thread)``; ``server.server_address[1]`` is the port."""
     return start_http_server(port, addr=host, registry=REGISTRY)
+
+
+def proc_cpu_s(stat_path: str) -> float | None:
+    """User + system CPU seconds of the process or thread whose ``/proc/.../stat`` file
+    this is; ``None`` when it cannot be read (gone, or not Linux)."""
+    try:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None

@@ -110,6 +110,10 @@ class Restored:
     log: list[str] = field(default_factory=list)
 
 
+def _name(rec: PartRecord) -> str:
+    return f"{rec.participant} {rec.kind} part of snapshot {rec.snapshot_id}"
+
+
 def _checked(part: Any, rec: PartRecord) -> Any:
     if part.snapshot_id != rec.snapshot_id or part.kind != rec.kind:
         raise SnapshotError(f"{rec.participant}: part content does not match its record")
@@ -190,13 +194,23 @@ class Recovery:
     def part_bytes(self, rec: PartRecord) -> memoryview:
         """The verified bytes of a part (local map, home read, or erasure decode)."""
         why: list[str] = []
-        name = f"{rec.participant} {rec.kind} part of snapshot {rec.snapshot_id}"
+        view = self._local_copy(rec, why)
+        return view if view is not None else self._remote_bytes(rec, why)
+
+    def _local_copy(self, rec: PartRecord, why: list[str]) -> memoryview | None:
+        """The local SMP's copy when this host is the part's home (``None``, with the
+        reason in ``why`` when it was tried, otherwise)."""
         local = self.sources.get(self.local_host) if self.local_host is not None else None
-        if local is not None and rec.home == self.local_host:
-            view = self._local(local, rec, why)
-            if view is not None:
-                self._note(f"{name}: local SMP copy")
-                return view
+        if local is None or rec.home != self.local_host:
+            return None
+        view = self._local(local, rec, why)
+        if view is not None:
+            self._note(f"{_name(rec)}: local SMP copy")
+        return view
+
+    def _remote_bytes(self, rec: PartRecord, why: list[str]) -> memoryview:
+        """The part from the home's whole copy, else from any ``k`` blocks."""
+        name = _name(rec)
         home = self.sources.get(rec.home)
         if home is not None and rec.home != self.local_host:
             data = self._remote(home, rec, why)
@@ -298,18 +312,14 @@ class Recovery:
         from monolith_py.snapshot.compose import compose
         from monolith_py.snapshot.pspart import decode_part
 
-        local = self.sources.get(self.local_host) if self.local_host is not None else None
         newest = len(recs) - 1
         sparse: dict[int, Any] = {}
 
         def read(j: int, rec: PartRecord) -> Any:
-            name = f"{rec.participant} {rec.kind} part of snapshot {rec.snapshot_id}"
             why: list[str] = []
-            if local is not None and rec.home == self.local_host:
-                view = self._local(local, rec, why)
-                if view is not None:
-                    self._note(f"{name}: local SMP copy")
-                    return _checked(decode_part(view, verified=True), rec)
+            view = self._local_copy(rec, why)
+            if view is not None:
+                return _checked(decode_part(view, verified=True), rec)
 
             def want(array: str) -> bool:  # t<i>.<what>: rows stream, live keys: newest
                 what = array.split(".", 1)[-1]
@@ -317,13 +327,11 @@ class Recovery:
                     what != "live" or j == newest)
 
             sp = fetch_sparse(self.sources, rec, why, want, self.stream_min_bytes)
-            if sp is None:
-                if why:
-                    self._note(f"{name}: not streamed ({why[-1]}); read whole")
-                return _checked(decode_part(self.part_bytes(rec), verified=True), rec)
+            if sp is None:  # the home's whole copy, or decoded blocks
+                return _checked(decode_part(self._remote_bytes(rec, why), verified=True), rec)
             hosts = ", ".join(str(rec.placement[i]) for i in range(rec.k))
-            self._note(f"{name}: data blocks read from hosts {hosts} while their rows stream "
-                       f"into the tables, nothing to decode ({'; '.join(why)})")
+            self._note(f"{_name(rec)}: data blocks read from hosts {hosts} while their rows "
+                       f"stream into the tables, nothing to decode ({'; '.join(why)})")
             sparse[j] = sp
             return _checked(decode_part(sp.view, verified=True), rec)
 

@@ -68,6 +68,7 @@ from monolith_py.errors import (
     SnapshotError,
     UnavailableError,
 )
+from monolith_py.observe.metrics import proc_cpu_s
 from monolith_py.snapshot.bulk import BulkServer, bulk_read
 from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
 from monolith_py.snapshot.store import STREAM_CHUNK, BlockKey, SMPConfig, SnapshotStore
@@ -343,20 +344,16 @@ def _thread_cpu() -> dict[str, float]:
     """CPU seconds used so far by this process's threads, by name (threads the runtime
     started, such as gRPC's, are summed as ``native``); empty where /proc is missing."""
     names = {t.native_id: t.name.rstrip("0123456789_") or t.name for t in threading.enumerate()}
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
         return out
     for tid in tids:
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        name = names.get(int(tid), "native")
-        out[name] = round(out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick, 2)
+        cpu = proc_cpu_s(f"/proc/self/task/{tid}/stat")
+        if cpu is not None:
+            name = names.get(int(tid), "native")
+            out[name] = round(out.get(name, 0.0) + cpu, 2)
     return out
 
 
@@ -504,13 +501,12 @@ class SMPClient:
             if got != n:
                 raise CorruptDataError(f"SMP {self.address}: {got} of {n} bytes")
             return True
-        for lo in range(0, n, _CHUNK):
-            data = self.get_block(key, offset + lo, min(_CHUNK, n - lo))
-            if data is None:
-                return False
-            if len(data) != min(_CHUNK, n - lo):
-                raise CorruptDataError(f"SMP {self.address}: short block range")
-            out[lo: lo + len(data)] = data
+        data = self.get_block(key, offset, n)
+        if data is None:
+            return False
+        if len(data) != n:
+            raise CorruptDataError(f"SMP {self.address}: short block range")
+        out[:] = data
         return True
 
     def stream_part(self, key: PartKey, sink: Callable[[int, memoryview], None],

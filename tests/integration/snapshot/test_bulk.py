@@ -46,6 +46,13 @@ def _collect(size: int) -> tuple[bytearray, Any]:
     return out, sink
 
 
+def _read(client: SMPClient, key: Any) -> bytes | None:
+    """The whole part ``key`` as ``client`` streams it (``None``: not held)."""
+    got: dict[int, bytes] = {}
+    size = client.stream_part(key, lambda off, chunk: got.__setitem__(off, bytes(chunk)))
+    return None if size is None else b"".join(got[o] for o in sorted(got))
+
+
 def _rejected() -> float:
     return REGISTRY.get_sample_value("monolith_smp_rejected_total",
                                      {"host": "0", "what": "bulk"}) or 0.0
@@ -69,19 +76,21 @@ def test_parts_and_blocks_are_read_through_the_data_port(smp: SMPServer) -> None
     client = SMPClient(smp.address)
     try:
         key = client.put_part("ps/0", data)
-        out, sink = _collect(len(data))
-        assert client.stream_part(key, sink, size_hint=len(data)) == len(data)
-        assert bytes(out) == data
+        assert _read(client, key) == data
         assert client._bulk == ("127.0.0.1", smp.bulk.port)  # the data port carried it
         out, sink = _collect(len(data))
         assert client.stream_block((*key, 0), sink) == len(data)  # k=1: block 0 is the part
         assert bytes(out) == data
-        assert client.stream_part(("ps/0", 99, "full"), sink) is None
+        assert _read(client, ("ps/0", 99, "full")) is None
         assert client.stream_block((*key, 3), sink) is None
-        # the gRPC stream gives the same bytes (SMPs without a data port)
+        part = memoryview(bytearray(1000))
+        assert client.read_block_into((*key, 0), 123, part) and bytes(part) == data[123:1123]
+        # the gRPC calls give the same bytes (SMPs without a data port)
         client._bulk = False
-        out, sink = _collect(len(data))
-        assert client.stream_part(key, sink) == len(data) and bytes(out) == data
+        assert _read(client, key) == data
+        part = memoryview(bytearray(1000))
+        assert client.read_block_into((*key, 0), 123, part) and bytes(part) == data[123:1123]
+        assert not client.read_block_into((*key, 3), 0, part)
     finally:
         client.close()
 
@@ -91,13 +100,11 @@ def test_client_asks_again_when_the_data_port_moved(smp: SMPServer) -> None:
     client = SMPClient(smp.address)
     try:
         key = client.put_part("ps/0", data)
-        out, sink = _collect(len(data))
-        client.stream_part(key, sink)
+        assert _read(client, key) == data
         old = smp.bulk
         smp.bulk = BulkServer(smp._open_bulk, "127.0.0.1").start()
         old.stop()
-        out, sink = _collect(len(data))
-        assert client.stream_part(key, sink) == len(data) and bytes(out) == data
+        assert _read(client, key) == data
         assert client._bulk == ("127.0.0.1", smp.bulk.port) != ("127.0.0.1", old.port)
     finally:
         client.close()
@@ -134,8 +141,7 @@ def test_hostile_requests_are_answered_counted_and_the_port_keeps_serving(smp: S
         bulk_read(("127.0.0.1", port), {"op": "nope"}, lambda o, c: None)
     # a truncated request (the peer goes away mid-message) is dropped quietly
     assert _raw(port, (100).to_bytes(4, "big") + b"abc") == b""
-    out, sink = _collect(len(data))
-    assert client.stream_part(key, sink) == len(data) and bytes(out) == data
+    assert _read(client, key) == data
     client.close()
 
 
