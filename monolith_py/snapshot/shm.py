@@ -51,8 +51,20 @@ def default_shm_root() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
 
 
+_CLASS_BITS = 4  # size classes per doubling above _CLASS_MIN: 16 (at most 6.25 % slack)
+_CLASS_MIN = 1 << 22
+
+
 def _round(n: int) -> int:
-    return max(_PAGE, -(-int(n) // _PAGE) * _PAGE)
+    """The capacity of a segment for ``n`` bytes: whole pages, and above 4 MiB the next of
+    16 size classes per doubling. A part that grew a little since the one before it (a
+    table gains keys; a compaction's full part) then still fits the segment that one
+    freed, instead of faulting in a new one."""
+    n = max(_PAGE, -(-int(n) // _PAGE) * _PAGE)
+    if n <= _CLASS_MIN:
+        return n
+    step = 1 << (n.bit_length() - 1 - _CLASS_BITS)
+    return -(-n // step) * step
 
 
 def _map(fd: int, size: int, writable: bool) -> mmap.mmap:
@@ -149,15 +161,25 @@ class SegmentPool:
             return self._live.get(name)
 
     def release(self, seg: Segment) -> None:
-        """Return ``seg`` for reuse (or remove it when enough free memory is kept)."""
+        """Return ``seg`` for reuse. Free segments beyond ``keep_free_bytes`` are removed,
+        those freed longest ago first: the ones freed last have the sizes the next parts
+        will have (a compaction frees a whole cycle's segments at once, and the next cycle
+        asks for the same sizes again)."""
+        drop: list[Segment] = []
         with self._lock:
             if self._live.pop(seg.name, None) is None:
                 return
-            kept = sum(s.capacity for s in self._free)
-            if kept + seg.capacity <= self.keep_free_bytes:
+            if seg.capacity > self.keep_free_bytes:
+                drop.append(seg)
+            else:
                 self._free.append(seg)
-                return
-        self._remove(seg)
+            kept = sum(s.capacity for s in self._free)
+            while self._free and kept > self.keep_free_bytes:
+                old = self._free.pop(0)
+                kept -= old.capacity
+                drop.append(old)
+        for old in drop:
+            self._remove(old)
 
     def _remove(self, seg: Segment) -> None:
         seg.close()

@@ -243,11 +243,12 @@ class SnapshotStore:
                 raise InvalidInputError(f"{nbytes} bytes do not fit segment {segment}")
             del self._leases[segment]
         nbytes = int(nbytes)
-        if seg.capacity > 2 * nbytes + (16 << 20):
-            # a lease is sized for the largest recent part; keeping a smaller part in it
-            # would hold (and, for the next lease, fault in afresh) memory it does not use.
-            # Move the part to a segment of its size (recycled ones are warm; a copy runs
-            # at memory speed) and put the lease back in the pool for the next one.
+        if 2 * seg.capacity > 3 * nbytes + (32 << 20):
+            # a lease has room for a part twice the largest recent one; keeping a smaller
+            # part in it would hold (and, for the next lease, fault in afresh) memory it
+            # does not use. Move the part to a segment of its size (recycled ones are warm:
+            # the copy runs at memory speed) and put the lease back in the pool for the
+            # next one.
             small = self.pool.create(nbytes)
             small.view[:nbytes] = seg.view[:nbytes]
             self.pool.release(seg)

@@ -89,6 +89,27 @@ def test_segments_are_recycled_and_checked(tmp_path: Any) -> None:
     again.close(remove_directory=True)
 
 
+def test_segment_pool_size_classes_and_eviction_order(tmp_path: Any) -> None:
+    mib = 1 << 20
+    pool = SegmentPool(str(tmp_path / "seg"), keep_free_bytes=3 * 40 * mib)
+    first = pool.create(33 * mib)
+    assert 33 * mib <= first.capacity <= 33 * mib * 17 // 16
+    pool.release(first)
+    assert pool.create(33 * mib + 12345) is first    # a slightly bigger part: same class
+    segs = [first] + [pool.create(33 * mib) for _ in range(3)]
+    assert len({s.name for s in segs}) == 4
+    for s in segs:                                   # 4 freed, room for 3
+        pool.release(s)
+    st = pool.stats()
+    assert st["free_segments"] == 3 and st["free_bytes"] <= 3 * 40 * mib
+    assert not os.path.exists(segs[0].path)          # the one freed longest ago is removed
+    assert all(os.path.exists(s.path) for s in segs[1:])
+    big = pool.create(200 * mib)                     # larger than the budget: removed on release
+    pool.release(big)
+    assert not os.path.exists(big.path) and pool.stats()["free_segments"] == 3
+    pool.close(remove_directory=True)
+
+
 def test_snapshot_policy_with_fake_clock() -> None:
     clock = FakeClock(0.0)
     pol = SnapshotPolicy(every_s=10.0, every_steps=100)
