@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from numba import njit, prange
 
 from monolith_py.errors import InvalidInputError
 
@@ -14,6 +15,27 @@ __all__: list[str] = []  # private module
 
 STATE_FORMAT = "monolith_py.table/1"
 _COUNTERS = ("admitted", "filtered", "evicted", "erased")
+
+
+@njit(cache=True, parallel=True)
+def _count_nonfinite(a):  # type: ignore[no-untyped-def]
+    """NaN and inf entries of a 2-D float array, without a temporary as large as ``a`` (a
+    restored table's weights and slots are most of its memory)."""
+    bad = 0
+    for i in prange(a.shape[0]):
+        for j in range(a.shape[1]):
+            v = a[i, j]
+            if v - v != 0:
+                bad += 1
+    return bad
+
+
+@njit(cache=True)
+def _increasing(keys):  # type: ignore[no-untyped-def]
+    for i in range(1, keys.shape[0]):
+        if keys[i] <= keys[i - 1]:
+            return False
+    return True
 
 
 def _array(state: Mapping[str, Any], name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
@@ -62,14 +84,14 @@ def check_state(
         )
     keys = _array(state, "keys", np.int64, (-1,))
     n = keys.shape[0]
-    if n and (keys[0] == np.iinfo(np.int64).min or not (np.diff(keys) > 0).all()):
+    if n and (keys[0] == np.iinfo(np.int64).min or not _increasing(keys)):
         raise InvalidInputError("table state keys must be strictly increasing and not INT64_MIN")
     out: dict[str, Any] = {"keys": keys}
     out["weights"] = _array(state, "weights", np.float32, (n, dim))
     for name, (width, _) in specs.items():
         out[f"slot.{name}"] = _array(state, f"slot.{name}", np.float32, (n, width))
     for name in ("weights", *(f"slot.{s}" for s in specs)):
-        if n and not np.isfinite(out[name]).all():
+        if n and _count_nonfinite(out[name]):
             raise InvalidInputError(f"table state {name!r} contains NaN or inf")
     for name in ("last_update", "update_count", "row_version"):
         out[name] = _array(state, name, np.int64, (n,))

@@ -202,6 +202,12 @@ def test_state_is_independent_of_capacity() -> None:
     assert_state_equal(b.state_dict(), a.state_dict())
 
 
+def _with(a: np.ndarray, at: tuple[int, ...], value: Any) -> np.ndarray:
+    out = a.copy()
+    out[at] = value
+    return out
+
+
 def test_bad_state_is_rejected_and_table_unchanged() -> None:
     t = _trained()
     before = t.state_dict()
@@ -212,6 +218,11 @@ def test_bad_state_is_rejected_and_table_unchanged() -> None:
         "keys": {**good, "keys": good["keys"][::-1].copy()},
         "weights": {**good, "weights": good["weights"][:-1]},
         "nan": {**good, "weights": np.full_like(good["weights"], np.nan)},
+        "one nan": {**good, "weights": _with(good["weights"], (len(good["keys"]) // 2, 1), np.nan)},
+        "inf in a slot": {**good, "slot.exp_avg": _with(good["slot.exp_avg"], (-1, -1), np.inf)},
+        "strided inf": {**good, "weights": np.asfortranarray(
+            _with(good["weights"], (0, 0), -np.inf))},
+        "repeated key": {**good, "keys": _with(good["keys"], (1,), good["keys"][0])},
         "dtype": {**good, "last_update": good["last_update"].astype(np.float64)},
         "missing": {name: v for name, v in good.items() if name != "slot.exp_avg"},
         "filter": {**good, "filter.counters": np.zeros(3, np.uint8)},
