@@ -18,7 +18,10 @@ Reported:
 * ``overhead_pct``: training throughput lost with a snapshot every ``--interval-s`` vs
   none; the two modes alternate in windows of ``--window-s`` (medians of the windows),
   after ``--warmup-snapshots`` (one compaction cycle: the SMPs then recycle the segments
-  freed by retention, as a long-running job's do) and once the SMPs are idle.
+  freed by retention, as a long-running job's do) and once the SMPs are idle. A window
+  with snapshots goes on training (taking no new snapshot) until the SMPs finished the
+  work its snapshots left (``snapshot_window_tail_s``), so none of it lands in the next
+  window without.
 * ``smp_cpu_s_per_snapshot``, ``smp_cpu_pct_of_machine``: CPU the three SMP processes
   used in the windows (per snapshot; as a share of all cores, per mode): the work the
   overhead comes from when the "hosts" share the training's cores.
@@ -191,9 +194,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     hosts=cluster.smp_addresses)
         now = [1000]
 
+        tails: list[float] = []
+
         def train(seconds: float, snapshot_every: float | None
                   ) -> tuple[float, list[tuple[Any, float, float]]]:
-            steps, t_end = 0, time.perf_counter() + seconds
+            t_start = time.perf_counter()
+            steps, t_end = 0, t_start + seconds
             last = time.perf_counter()
             seals = []  # (future, stall s, seconds since the previous snapshot)
             while time.perf_counter() < t_end:
@@ -205,7 +211,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     t = time.perf_counter()
                     seals.append((f, part.last["stall_s"], t - last_snap[0]))
                     last = last_snap[0] = t
-            return steps / seconds, seals
+            if snapshot_every is not None:
+                # the window goes on (training, no new snapshot) until the work its
+                # snapshots left behind is done: seals, coding, placement, compaction. So
+                # all of it is charged to this mode, none to the next window without.
+                poll = 0.0
+                while True:
+                    load.step(shard, now[0])
+                    now[0] += 1
+                    steps += 1
+                    if time.perf_counter() >= poll:
+                        if all(f.done() for f, _, _ in seals) and _idle(smps):
+                            break
+                        poll = time.perf_counter() + 0.25
+                tails.append(time.perf_counter() - t_end)
+            return steps / (time.perf_counter() - t_start), seals
 
         last_snap = [time.perf_counter()]
 
@@ -233,14 +253,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         smp_cpu = {"none": 0.0, "snap": 0.0}  # CPU seconds the SMP processes used
         threads: dict[str, float] = {}  # ... by SMP and thread, in the snapshot windows
         pids = [h.procs["smp"].pid for h in cluster.hosts]
+        wall = {"none": 0.0, "snap": 0.0}  # seconds in each mode
         for _ in range(args.windows):
-            c0 = _cpu_s(pids)
+            c0, w0 = _cpu_s(pids), time.perf_counter()
             thr["none"].append(train(args.window_s, None)[0])
-            c1 = _cpu_s(pids)
+            c1, w1 = _cpu_s(pids), time.perf_counter()
             before = _threads(smps)
             t, seals = train(args.window_s, args.interval_s)
             smp_cpu["none"] += c1 - c0
             smp_cpu["snap"] += _cpu_s(pids) - c1
+            wall["none"] += w1 - w0
+            wall["snap"] += time.perf_counter() - w1
             for k, v in _threads(smps).items():
                 threads[k] = threads.get(k, 0.0) + v - before.get(k, 0.0)
             thr["snap"].append(t)
@@ -254,6 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     stalls.append(1e3 * stall)
         out["smp_thread_cpu_s"] = {k: round(v, 2) for k, v in sorted(
             threads.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+        out["snapshot_window_tail_s"] = [round(x, 2) for x in tails]
         out["steps_per_s_windows"] = {k: [round(x, 2) for x in v] for k, v in thr.items()}
         out["steps_per_s_none"] = statistics.median(thr["none"])
         out["steps_per_s_snapshot"] = statistics.median(thr["snap"])
@@ -269,8 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["smp_cpu_s_per_snapshot"] = smp_cpu["snap"] / max(len(any_stalls), 1)
         out["smp_handler_cpu_s"] = {h: c.stats().get("handler_cpu_s") for h, c in smps.items()}
         out["smp_cpu_pct_of_machine"] = {
-            mode: 100.0 * smp_cpu[mode] / (args.windows * args.window_s * (os.cpu_count() or 1))
-            for mode in smp_cpu}
+            mode: 100.0 * smp_cpu[mode] / (wall[mode] * (os.cpu_count() or 1)) for mode in smp_cpu}
         part.wait_shipped(600)
         coord.wait_idle(600)
         _wait_idle(smps, 600)  # restores measured without a compaction running beside them
@@ -370,12 +393,17 @@ def _threads(smps: Any) -> dict[str, float]:
             for name, v in (c.stats().get("thread_cpu_s") or {}).items()}
 
 
+def _idle(smps: Any) -> bool:
+    """No SMP has background work queued or running."""
+    return all(not s.get("pending_jobs") and not s.get("busy")
+               for s in (c.stats() for c in smps.values()))
+
+
 def _wait_idle(smps: Any, timeout_s: float) -> None:
-    """Until no SMP has background work queued or running (polled)."""
+    """Until :func:`_idle` (polled)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        stats = [c.stats() for c in smps.values()]
-        if all(not s.get("pending_jobs") and not s.get("busy") for s in stats):
+        if _idle(smps):
             return
         time.sleep(0.2)
 

@@ -27,3 +27,5 @@ def test_bench_snapshot_fields() -> None:
     # data blocks with the rows streamed into the tables
     assert any("local SMP copy" in line for line in result["restore_local_log"])
     assert any("data blocks read from hosts 1, 2" in line for line in result["restore_ec_log"])
+    # each window with snapshots trained on until the SMPs finished its work
+    assert len(result["snapshot_window_tail_s"]) == 1 and result["snapshot_window_tail_s"][0] >= 0
