@@ -79,6 +79,28 @@ def _gather_into(out, src, out_rows, src_rows):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, parallel=True)
+def _gather_part(out, src, src_part, src_row, j):  # type: ignore[no-untyped-def]
+    """out[t] = src[src_row[t]] for the rows t with src_part[t] == j (2-D arrays): one
+    scan of the resolution, no index arrays built per part."""
+    w = src.shape[1]
+    for t in prange(out.shape[0]):
+        if src_part[t] == j:
+            r = src_row[t]
+            for c in range(w):
+                out[t, c] = src[r, c]
+
+
+@njit(cache=True, parallel=True)
+def _keys_differ(meta, live):  # type: ignore[no-untyped-def]
+    """Rows whose key column differs from ``live``."""
+    bad = 0
+    for t in prange(live.shape[0]):
+        if meta[t, 0] != live[t]:
+            bad += 1
+    return bad
+
+
+@njit(cache=True, parallel=True)
 def _copy_into(out, src):  # type: ignore[no-untyped-def]
     """out[:] = src for 2-D arrays of the same shape (both threads share the pages)."""
     w = src.shape[1]
@@ -217,21 +239,21 @@ def _fill(res: _Resolved, meta: np.ndarray, weights: np.ndarray,
                 _copy_into(out, tp.slots[s])
         return
     assert res.src_row is not None
+    src_part, src_row = res.src_part, res.src_row
     for j, tp in enumerate(res.chain):
-        out_rows = np.flatnonzero(res.src_part == j)
-        if not out_rows.shape[0]:
-            continue
-        rows = res.src_row[out_rows]
-        _gather_into(meta, tp.meta, out_rows, rows)
         if j in deferred:
+            out_rows = np.flatnonzero(src_part == j)
+            rows = src_row[out_rows]
+            _gather_into(meta, tp.meta, out_rows, rows)
             assert plan is not None
             order = np.argsort(rows, kind="stable")
             plan[(res.name, j)] = (rows[order], out_rows[order], weights, dict(slots))
             continue
-        _gather_into(weights, tp.weights, out_rows, rows)
+        _gather_part(meta, tp.meta, src_part, src_row, j)
+        _gather_part(weights, tp.weights, src_part, src_row, j)
         for s, out in slots.items():
-            _gather_into(out, tp.slots[s], out_rows, rows)
-    if not np.array_equal(meta[:, 0], res.live):
+            _gather_part(out, tp.slots[s], src_part, src_row, j)
+    if _keys_differ(meta, res.live):
         raise CorruptDataError(f"table {res.name!r}: composed keys do not match the live keys")
 
 
