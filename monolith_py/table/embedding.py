@@ -423,19 +423,28 @@ class EmbeddingTable:
                         None if self._filter is None else self._filter.state_dict()["counters"])
         keys = s["keys"]
         n = keys.shape[0]
-        index = CuckooHashMap(max(self._config.initial_capacity, 1), self._config.max_load_factor)
-        index.reserve(n)
-        index.insert_or_assign(keys, np.arange(n, dtype=np.int64))
-        arena = state.take_arena(self) if isinstance(state, StagedState) else None
-        if arena is None:  # copy: each array written once, into pages mapped in one call
-            arena = RowArena.for_load(self._dim, self._specs, n, self._config.initial_capacity)
-            arena.meta[:n, KEY] = keys
-            arena.meta[:n, LAST] = s["last_update"]
-            arena.meta[:n, COUNT] = s["update_count"]
-            arena.meta[:n, VERSION] = s["row_version"]
-            arena.weights[:n] = s["weights"]
-            for name in self._specs:
-                arena.slots[name][:n] = s[f"slot.{name}"]
+        # an empty table (a restarted one) fills its own index: its pages were mapped when
+        # the table was created, a new one's would fault in now (slow on a fresh process)
+        reuse = len(self._index) == 0
+        index = self._index if reuse else CuckooHashMap(
+            max(self._config.initial_capacity, 1), self._config.max_load_factor)
+        try:
+            index.reserve(n)
+            index.insert_or_assign(keys, np.arange(n, dtype=np.int64))
+            arena = state.take_arena(self) if isinstance(state, StagedState) else None
+            if arena is None:  # copy: each array written once, into pages mapped in one call
+                arena = RowArena.for_load(self._dim, self._specs, n, self._config.initial_capacity)
+                arena.meta[:n, KEY] = keys
+                arena.meta[:n, LAST] = s["last_update"]
+                arena.meta[:n, COUNT] = s["update_count"]
+                arena.meta[:n, VERSION] = s["row_version"]
+                arena.weights[:n] = s["weights"]
+                for name in self._specs:
+                    arena.slots[name][:n] = s[f"slot.{name}"]
+        except BaseException:
+            if reuse:  # the table stays empty
+                index.clear()
+            raise
         log = DeletionLog()
         if s["deleted_keys"].shape[0]:
             log.keys.append(s["deleted_keys"].copy())
