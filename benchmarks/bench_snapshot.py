@@ -80,7 +80,7 @@ def register(subparsers: Any) -> None:
                    help="sealed snapshots each SMP retains (1 keeps the bench under ~6 GB)")
     p.add_argument("--full-every", type=int, default=8,
                    help="SMP composes a full part after this many increments (0: never)")
-    p.add_argument("--keep-free-mb", type=int, default=3072,
+    p.add_argument("--keep-free-mb", type=int, default=4096,
                    help="MiB of freed segments each SMP keeps mapped for reuse (new shared "
                         "memory faults in at up to 3 s/GiB on a VM: without reuse that is "
                         "most of the SMPs' CPU)")

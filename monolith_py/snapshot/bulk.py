@@ -16,13 +16,21 @@ and ``StreamPart``, with one kernel copy on each side:
   text}`` for a bad request, after which the server closes the connection), then ``n``
   raw bytes. A connection may carry several requests one after the other.
 
+It also takes **block placements** (``"op": "put"``, the bulk twin of ``PutBlock``): the
+request names the block (``participant``, ``snapshot_id``, ``kind``, ``index``) and its
+``block_bytes`` and ``part_size``; the server answers ``{"ready": true}`` once it has a
+segment for it (or an error), the sender streams the ``block_bytes`` raw bytes, which the
+server reads straight into that segment, then a trailer frame ``{"block_crc": c}``; the
+server keeps the block only if its crc32c matches and answers ``{"ok": true}`` (else an
+error, and the segment goes back to the pool).
+
 The raw bytes carry no checksum of their own: every reader checks what it receives
 against the crc32c of the sealed manifest (block by block, or the whole part), as it
 does for the gRPC stream. Control (lease, commit, placement, seal, catalogs) stays on
 gRPC. The port is as exposed as the gRPC one (see "Network exposure" in
-``docs/operations.md``): it serves only reads of what the SMP holds, bounds its
-connections (:data:`MAX_CONNECTIONS`, more are closed at once) and times out idle or
-slow peers.
+``docs/operations.md``): it serves reads of what the SMP holds and the same block
+placements ``PutBlock`` takes (checked the same way), bounds its connections
+(:data:`MAX_CONNECTIONS`, more are closed at once) and times out idle or slow peers.
 
 Example::
 
@@ -50,7 +58,7 @@ from monolith_py.errors import (
 )
 from monolith_py.wire import WireLimits, decode_arrays, encode_arrays
 
-__all__ = ["BulkServer", "bulk_read", "MAX_REQUEST", "MAX_CONNECTIONS", "CHUNK"]
+__all__ = ["BulkServer", "BulkWriter", "bulk_read", "MAX_REQUEST", "MAX_CONNECTIONS", "CHUNK"]
 
 log = logging.getLogger("monolith.snapshot.bulk")
 
@@ -64,6 +72,11 @@ _LIMITS = WireLimits(max_header_bytes=MAX_REQUEST, max_arrays=0, max_total_bytes
                      max_ndim=1)
 
 Sink = Callable[[int, memoryview], None]
+Putter = Callable[[Mapping[str, Any]], Any]
+"""``put_(meta)``: where a placed block goes: an object with ``view`` (a writable
+``memoryview`` of exactly the block's bytes), ``commit(block_crc)`` (keeps it; raises
+:class:`~monolith_py.errors.CorruptDataError` when the crc does not match) and
+``abort()``; raises :class:`~monolith_py.errors.InvalidInputError` for a bad request."""
 Opener = Callable[[Mapping[str, Any]], Any]
 """``open_(meta)``: a context manager whose ``__enter__`` gives the bytes asked for (kept
 from retention until it exits), ``None`` when not held; raises
@@ -117,8 +130,9 @@ class BulkServer:
 
     def __init__(self, open_: Opener, host: str, port: int = 0, *,
                  on_reject: Callable[[], None] | None = None, io_timeout_s: float = 60.0,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS, put_: Putter | None = None) -> None:
         self._open = open_
+        self._put = put_
         self._on_reject = on_reject or (lambda: None)
         self.io_timeout_s = float(io_timeout_s)
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -190,6 +204,8 @@ class BulkServer:
             meta = _read_message(conn)
             if meta is None:
                 return False
+            if meta.get("op") == "put" and self._put is not None:
+                return self._serve_put(conn, meta)
             reader = self._open(meta)
         except (DecodeError, InvalidInputError) as exc:
             self._on_reject()
@@ -209,6 +225,37 @@ class BulkServer:
             for a in range(lo, hi, 4 * CHUNK):
                 conn.sendall(view[a: min(a + 4 * CHUNK, hi)])
         return True
+
+
+    def _serve_put(self, conn: socket.socket, meta: Mapping[str, Any]) -> bool:
+        assert self._put is not None
+        target = self._put(meta)  # InvalidInputError: answered by the caller
+        done = False
+        try:
+            conn.sendall(_message({"ready": True}))
+            view, got = target.view, 0
+            while got < view.nbytes:
+                r = conn.recv_into(view[got: got + 4 * CHUNK])
+                if not r:
+                    raise ConnectionError(f"connection closed after {got} of {view.nbytes} bytes")
+                got += r
+            trailer = _read_message(conn)
+            crc = None if trailer is None else trailer.get("block_crc")
+            if isinstance(crc, bool) or not isinstance(crc, int):
+                raise InvalidInputError(f"bad block trailer {trailer!r}")
+            try:
+                target.commit(crc)
+                done = True
+            except CorruptDataError as exc:
+                done = True  # commit gave the segment back
+                self._on_reject()
+                conn.sendall(_message({"error": f"{type(exc).__name__}: {exc}"[:2000]}))
+                return False
+            conn.sendall(_message({"ok": True}))
+            return True
+        finally:
+            if not done:
+                target.abort()
 
 
 def _range(meta: Mapping[str, Any], size: int) -> tuple[int, int]:
@@ -275,3 +322,77 @@ def bulk_read(address: tuple[str, int], meta: Mapping[str, Any], sink: Sink, *,
         raise UnavailableError(f"{where}: {type(exc).__name__}: {exc}{at}") from None
     finally:
         sock.close()
+
+
+class BulkWriter:
+    """Place one block on the data port at ``address``: ``write`` its bytes in order (as
+    they are encoded), then ``finish`` with its crc32c; see the module docstring.
+
+    Raises :class:`UnavailableError` when the port cannot be reached, times out or drops
+    the connection, :class:`InvalidInputError` when the server refuses the block and
+    :class:`CorruptDataError` when it found the bytes did not match the crc. The server
+    keeps nothing unless ``finish`` returned."""
+
+    def __init__(self, address: tuple[str, int], meta: Mapping[str, Any], *,
+                 timeout_s: float = 60.0) -> None:
+        self._where = f"SMP data port {address[0]}:{address[1]}"
+        size = meta.get("block_bytes")  # checked by the server
+        self._size = size if isinstance(size, int) and not isinstance(size, bool) else -1
+        self._sent = 0
+        try:
+            self._sock = socket.create_connection(address, timeout=timeout_s)
+        except OSError as exc:
+            raise UnavailableError(f"{self._where}: {exc}") from None
+        try:
+            self._sock.sendall(_message({**meta, "op": "put"}))
+            self._answer("ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def _answer(self, field: str) -> None:
+        try:
+            head = _read_message(self._sock)
+        except (DecodeError, InvalidInputError) as exc:
+            raise CorruptDataError(f"{self._where}: bad answer: {exc}") from None
+        except (OSError, ConnectionError) as exc:
+            raise UnavailableError(f"{self._where}: {type(exc).__name__}: {exc}") from None
+        if head is None:
+            raise UnavailableError(f"{self._where}: closed before answering")
+        if "error" in head:
+            err = str(head["error"])
+            cls = CorruptDataError if err.startswith("CorruptDataError") else InvalidInputError
+            raise cls(f"{self._where}: {err}")
+        if head.get(field) is not True:
+            raise CorruptDataError(f"{self._where}: unexpected answer {head!r}")
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if self._sent + view.nbytes > self._size:
+            raise InvalidInputError(f"{self._where}: more than the block's {self._size} bytes")
+        try:
+            self._sock.sendall(view)
+        except OSError as exc:
+            raise UnavailableError(f"{self._where}: {type(exc).__name__}: {exc} "
+                                   f"(after {self._sent} of {self._size} bytes)") from None
+        self._sent += view.nbytes
+
+    def finish(self, block_crc: int) -> None:
+        """Send the crc and wait until the block is kept."""
+        try:
+            if self._sent != self._size:
+                raise InvalidInputError(f"{self._where}: {self._sent} of {self._size} bytes "
+                                        "written")
+            try:
+                self._sock.sendall(_message({"block_crc": int(block_crc)}))
+            except OSError as exc:
+                raise UnavailableError(f"{self._where}: {type(exc).__name__}: {exc}") from None
+            self._answer("ok")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass

@@ -119,15 +119,17 @@ class SegmentPool:
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def create(self, nbytes: int) -> Segment:
-        """A segment of at least ``nbytes`` (a recycled one if its size fits within 2x)."""
+    def create(self, nbytes: int, slack: float = 2.0) -> Segment:
+        """A segment of at least ``nbytes``: the smallest free one up to ``slack`` times
+        that size, else a new one."""
         if nbytes < 0:
             raise InvalidInputError(f"segment size must be >= 0, got {nbytes}")
         want = _round(nbytes)
         with self._lock:
             best = None
             for seg in self._free:
-                if want <= seg.capacity <= 2 * want and (best is None or seg.capacity < best.capacity):
+                if want <= seg.capacity <= slack * want and (
+                        best is None or seg.capacity < best.capacity):
                     best = seg
             if best is not None:
                 self._free.remove(best)

@@ -69,7 +69,7 @@ from monolith_py.errors import (
     UnavailableError,
 )
 from monolith_py.observe.metrics import proc_cpu_s
-from monolith_py.snapshot.bulk import BulkServer, bulk_read
+from monolith_py.snapshot.bulk import BulkServer, BulkWriter, bulk_read
 from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
 from monolith_py.snapshot.store import STREAM_CHUNK, BlockKey, SMPConfig, SnapshotStore
 from monolith_py.wire import WireLimits, decode_arrays, encode_arrays
@@ -159,7 +159,8 @@ class SMPServer:
             raise ConfigError(f"SMP cannot listen on {host}:{port}")
         try:
             self.bulk = BulkServer(self._open_bulk, host, bulk_port,
-                                   on_reject=lambda: self.store._reject("bulk"))
+                                   on_reject=lambda: self.store._reject("bulk"),
+                                   put_=self._put_bulk)
         except OSError as exc:
             self.store.close()
             raise ConfigError(f"SMP cannot listen on {host}:{bulk_port} (data port): "
@@ -285,6 +286,10 @@ class SMPServer:
         if op == "part":
             return self.store.open_part(_key(m))
         raise InvalidInputError(f"unknown data port op {op!r}")
+
+    def _put_bulk(self, m: Mapping[str, Any]) -> Any:
+        return self.store.block_target((*_key(m), _int(m, "index")), _int(m, "block_bytes", 1),
+                                       _int(m, "part_size", 1))
 
     def _stream_block(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         def open_(m: dict[str, Any]) -> Any:
@@ -651,6 +656,25 @@ class GrpcPeers:
 
     def put_block(self, host: int, frame: bytes) -> None:
         self._client(host).put_block(frame)
+
+    def block_writer(self, host: int, key: BlockKey, block_bytes: int, part_size: int
+                     ) -> BulkWriter | None:
+        """A stream placing block ``key`` on ``host``'s data port (``None``: it has none;
+        the port is asked again once if the first connection fails)."""
+        client = self._client(host)
+        p, sid, kind, idx = key
+        meta = {"participant": p, "snapshot_id": sid, "kind": kind, "index": idx,
+                "block_bytes": int(block_bytes), "part_size": int(part_size)}
+        for refresh in (False, True):
+            addr = client._bulk_address(refresh)
+            if addr is None:
+                return None
+            try:
+                return BulkWriter(addr, meta, timeout_s=client.timeout_s)
+            except UnavailableError:
+                if refresh:
+                    raise
+        return None
 
     def put_record(self, host: int, record: PartRecord) -> None:
         self._client(host).put_record(record)

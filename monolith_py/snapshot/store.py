@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,6 +43,7 @@ from monolith_py.errors import (
     DeadlineExceededError,
     DecodeError,
     InvalidInputError,
+    MonolithError,
     SnapshotError,
     UnavailableError,
 )
@@ -131,6 +132,11 @@ class Peers(Protocol):
     def get_block(self, host: int, key: BlockKey) -> bytes | None:
         """Read a stored block (``None``: not there)."""
 
+    # optional: ``block_writer(host, key, block_bytes, part_size)`` -> an object with
+    # ``write(chunk)`` and ``finish(block_crc)`` that places a whole block in one stream
+    # (the SMP data port), or ``None`` when the host has none: chunks then go one by one
+    # through ``put_block``.
+
 
 @dataclass
 class _Blob:
@@ -204,7 +210,11 @@ class SnapshotStore:
         check_participant(participant)
         if not 0 < nbytes <= 1 << 40:
             raise InvalidInputError(f"lease size must be in (0, 2^40], got {nbytes}")
-        seg = self.pool.create(nbytes)
+        # a lease is held only until its part is committed (a part much smaller than its
+        # lease then moves to a segment of its own size): leases come in powers of two, so
+        # the one given back serves the next request unless the size crosses one, rather
+        # than faulting in a new segment each time the parts' size moves a little
+        seg = self.pool.create(1 << (int(nbytes) - 1).bit_length())
         stale: list[str] = []
         with self._mu:
             self._leases[seg.name] = participant
@@ -380,11 +390,43 @@ class SnapshotStore:
             job.done.set()
 
     def _encode_and_place(self, key: PartKey, view: memoryview, base_id: int) -> PartRecord:
+        """Erasure-code the part and place its blocks: each remote block in one stream to
+        the host's data port when it has one, else chunk by chunk over ``PutBlock`` (also
+        the fallback when a data port fails midway: the part is then placed again)."""
+        cfg = self.config
+        size = view.nbytes
+        bs = block_size(size, cfg.k)
+        placement = block_placement(cfg.host_id, cfg.num_hosts, cfg.k, cfg.m)
+        open_writer = getattr(self.peers, "block_writer", None)
+        writers: dict[int, Any] = {}
+        if open_writer is not None:
+            for i in range(cfg.m):
+                if placement[i] != cfg.host_id:
+                    try:
+                        w = open_writer(placement[i], (*key, i), bs, size)
+                    except MonolithError as exc:
+                        log.info("SMP %d: data port of host %d unusable (%s); PutBlock",
+                                 cfg.host_id, placement[i], exc)
+                        w = None
+                    if w is not None:
+                        writers[i] = w
+        if writers:
+            try:
+                return self._code_and_send(key, view, base_id, placement, writers)
+            except MonolithError as exc:
+                log.info("SMP %d: placing %s over data ports failed (%s); again over PutBlock",
+                         cfg.host_id, key, exc)
+            finally:
+                for w in writers.values():
+                    w.close()
+        return self._code_and_send(key, view, base_id, placement, {})
+
+    def _code_and_send(self, key: PartKey, view: memoryview, base_id: int,
+                       placement: tuple[int, ...], writers: dict[int, Any]) -> PartRecord:
         cfg = self.config
         k, m, size = cfg.k, cfg.m, view.nbytes
         bs = block_size(size, k)
         home = cfg.host_id
-        placement = block_placement(home, cfg.num_hosts, k, m)
         # a data block placed here is served from the home copy; a parity block is kept
         kept = {i: _Blob(self.pool.create(bs), bs) for i in range(k, m) if placement[i] == home}
         sent = [i for i in range(m) if placement[i] != home]
@@ -400,13 +442,17 @@ class SnapshotStore:
                 for i in range(m):
                     crcs[i] = crc32c.crc32c(chunks[i], crcs[i])
                 final = hi == bs
-                futures = [self._send.submit(self._deliver, placement[i],
+                futures = [self._send.submit(_send_chunk, writers[i], chunks[i],
+                                             crcs[i] if final else None)
+                           if i in writers else
+                           self._send.submit(self._deliver, placement[i],
                                              block_frame((*key, i), lo, chunks[i], block_bytes=bs,
                                                          part_size=size, final=final,
                                                          block_crc=crcs[i] if final else 0))
                            for i in sent]
                 for i, blob in kept.items():
                     blob.seg.view[lo:hi] = chunks[i]
+                wait(futures)  # all of them, before a failure of one is raised
                 for f in futures:
                     f.result()
                 fault_point("smp.encode")
@@ -476,6 +522,22 @@ class SnapshotStore:
             self._reject("block")
             raise CorruptDataError(f"block {key} arrived incomplete or corrupt")
         self._keep_block(key, blob)
+
+    def block_target(self, key: BlockKey, block_bytes: int, part_size: int) -> _BlockTarget:
+        """Where block ``key`` placed in one stream (the data port) is written: a segment
+        of ``block_bytes``, kept by ``commit(block_crc)`` if the crc32c matches."""
+        p, sid, kind, idx = key
+        try:
+            check_participant(p)
+            if kind not in ("full", "inc") or sid < 0 or not 0 <= idx < self.config.m:
+                raise InvalidInputError(f"bad block key {key}")
+            if not 0 < part_size <= 1 << 40 or block_bytes != block_size(part_size, self.config.k):
+                raise InvalidInputError(f"a block of a {part_size}-byte part with k="
+                                        f"{self.config.k} is not {block_bytes} bytes")
+        except InvalidInputError:
+            self._reject("block")
+            raise
+        return _BlockTarget(self, key, self.pool.create(block_bytes), block_bytes)
 
     def get_block(self, key: BlockKey, offset: int = 0, length: int | None = None) -> bytes | None:
         """A copy of (a range of) block ``key`` held here; data blocks ``< k`` of a home
@@ -730,6 +792,36 @@ class SnapshotStore:
 STREAM_CHUNK = 4 << 20
 """Bytes per message when blocks and parts are streamed (gRPC Python moved 1.0-1.3 GB/s
 between two processes here with 1-8 MiB messages, 0.3-0.4 GB/s with 32 MiB ones)."""
+
+
+def _send_chunk(writer: Any, chunk: Any, final_crc: int | None) -> None:
+    writer.write(chunk)
+    if final_crc is not None:
+        writer.finish(final_crc)
+
+
+class _BlockTarget:
+    """A segment receiving one placed block (see :meth:`SnapshotStore.block_target`)."""
+
+    def __init__(self, store: SnapshotStore, key: BlockKey, seg: Segment, nbytes: int) -> None:
+        self._store, self.key, self._seg, self._open = store, key, seg, True
+        self.view = seg.view[:nbytes]
+
+    def commit(self, block_crc: int) -> None:
+        """Keep the block if its crc32c is ``block_crc``; else give the segment back and
+        raise :class:`CorruptDataError`."""
+        self._open = False
+        fault_point("smp.block")
+        if crc32c.crc32c(self.view) != block_crc:
+            self._store.pool.release(self._seg)
+            self._store._reject("block")
+            raise CorruptDataError(f"block {self.key} arrived corrupt (crc mismatch)")
+        self._store._keep_block(self.key, _Blob(self._seg, self.view.nbytes))
+
+    def abort(self) -> None:
+        if self._open:
+            self._open = False
+            self._store.pool.release(self._seg)
 
 
 class _Pinned:

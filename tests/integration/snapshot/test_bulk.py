@@ -9,10 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from monolith_py.errors import InvalidInputError, UnavailableError
+import crc32c
+
+from monolith_py.errors import CorruptDataError, InvalidInputError, UnavailableError
 from monolith_py.observe.metrics import REGISTRY
 from monolith_py.ps import PSShard
-from monolith_py.snapshot.bulk import MAX_REQUEST, BulkServer, bulk_read
+from monolith_py.snapshot.bulk import MAX_REQUEST, BulkServer, BulkWriter, bulk_read
 from monolith_py.snapshot.pspart import ShardCapturer
 from monolith_py.snapshot.smp import SMPClient, SMPServer
 from monolith_py.snapshot.store import SMPConfig
@@ -53,9 +55,9 @@ def _read(client: SMPClient, key: Any) -> bytes | None:
     return None if size is None else b"".join(got[o] for o in sorted(got))
 
 
-def _rejected() -> float:
+def _rejected(what: str = "bulk") -> float:
     return REGISTRY.get_sample_value("monolith_smp_rejected_total",
-                                     {"host": "0", "what": "bulk"}) or 0.0
+                                     {"host": "0", "what": what}) or 0.0
 
 
 def _raw(port: int, payload: bytes) -> bytes:
@@ -220,6 +222,8 @@ def test_restore_from_peers_streams_rows_into_the_tables(tmp_path: Any) -> None:
             man = coord.snapshot(step)
         expected = shard.state_dict()
         assert [r.kind for r in man.chain("ps/0")] == ["full", "inc", "inc", "inc"]
+        for h in (1, 2):  # the blocks came through the data ports, not PutBlock
+            assert "PutBlock" not in smps[h].stats()["handler_cpu_s"]
         fresh = PSShard(0, 1, tables)
         rec = Recovery({1: smps[1], 2: smps[2]}, None, job="bulk", stream_min_bytes=0)
         r = rec.restore("ps/0", man.snapshot_id,
@@ -235,3 +239,95 @@ def test_restore_from_peers_streams_rows_into_the_tables(tmp_path: Any) -> None:
             c.close()
         for s in servers:
             s.stop()
+
+
+def _wait_until(cond: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_blocks_are_placed_through_the_data_port_and_checked(smp: SMPServer) -> None:
+    """``op: put``: a block streamed into a segment, kept only with the right crc32c; bad
+    requests, a wrong crc and a dropped connection are refused, counted and leave no
+    segment behind."""
+    addr = ("127.0.0.1", smp.bulk.port)
+    data = np.random.default_rng(3).integers(0, 256, 3 * (1 << 20) + 77, dtype=np.uint8)
+    meta = {"participant": "ps/0", "snapshot_id": 4, "kind": "inc", "index": 0,
+            "block_bytes": data.nbytes, "part_size": data.nbytes}
+    live = smp.store.pool.stats()["live_segments"]
+    w = BulkWriter(addr, meta)
+    for lo in range(0, data.nbytes, 1 << 20):
+        w.write(data[lo: lo + (1 << 20)])
+    w.finish(crc32c.crc32c(data))
+    assert smp.store.get_block(("ps/0", 4, "inc", 0)) == data.tobytes()
+    assert smp.store.pool.stats()["live_segments"] == live + 1
+
+    bulk0, block0 = _rejected(), _rejected("block")
+    for bad in ({**meta, "index": 1},                            # m = 1: no block 1 here
+                {**meta, "part_size": data.nbytes + 1},           # not this part's block size
+                {**meta, "participant": "../x"}, {**meta, "block_bytes": "big"}):
+        with pytest.raises(InvalidInputError):
+            BulkWriter(addr, bad)
+    w = BulkWriter(addr, {**meta, "snapshot_id": 5})
+    w.write(data)
+    with pytest.raises(CorruptDataError):
+        w.finish(crc32c.crc32c(data) ^ 1)
+    assert smp.store.get_block(("ps/0", 5, "inc", 0)) is None
+    w = BulkWriter(addr, {**meta, "snapshot_id": 6})
+    w.write(data[:1000])
+    w.close()                                                     # gone midway
+    with pytest.raises(InvalidInputError):                        # more than the block
+        BulkWriter(addr, {**meta, "snapshot_id": 7}).write(np.zeros(data.nbytes + 1, np.uint8))
+    _wait_until(lambda: smp.store.pool.stats()["live_segments"] == live + 1)
+    assert smp.store.get_block(("ps/0", 6, "inc", 0)) is None
+    assert _rejected() + _rejected("block") - bulk0 - block0 >= 5
+    out, sink = _collect(data.nbytes)                             # and it still serves
+    assert bulk_read(addr, {"op": "block", "participant": "ps/0", "snapshot_id": 4,
+                            "kind": "inc", "index": 0}, sink) == data.nbytes
+    assert bytes(out) == data.tobytes()
+
+
+def test_placement_falls_back_to_put_block_when_a_data_port_fails(tmp_path: Any) -> None:
+    """A data-port stream that fails midway: the part is placed again chunk by chunk."""
+    from monolith_py.testing.smpgroup import LocalGroup
+
+    group = LocalGroup(3, k=2, m=3, root=str(tmp_path))
+    opened: list[Any] = []
+
+    class Broken:
+        def __init__(self) -> None:
+            self.closed = False
+
+        def write(self, chunk: Any) -> None:
+            pass
+
+        def finish(self, block_crc: int) -> None:
+            raise UnavailableError("data port went away")
+
+        def close(self) -> None:
+            self.closed = True
+
+    home = group.store(0)
+    peers = home.peers
+
+    class FlakyPeers:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(peers, name)
+
+        def block_writer(self, host: int, key: Any, block_bytes: int, part_size: int) -> Any:
+            opened.append(Broken())
+            return opened[-1]
+
+    home.peers = FlakyPeers()
+    try:
+        home.put_part("ps/0", _part())
+        rec = home.wait_part("ps/0", 1, "full", timeout_s=60)
+        assert len(opened) == 2 and all(w.closed for w in opened)
+        for i, host in enumerate(rec.placement):
+            if host != 0:
+                block = group.store(host).get_block(("ps/0", 1, "full", i))
+                assert block is not None and crc32c.crc32c(block) == rec.block_crcs[i]
+    finally:
+        group.close()
