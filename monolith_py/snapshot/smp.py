@@ -33,7 +33,9 @@ against the sealed manifest). :class:`SMPClient` reads them through the SMP's **
 port** (:mod:`~monolith_py.snapshot.bulk`, plain TCP, 3-3.5 GB/s per stream here) and
 falls back to ``StreamBlock``/``StreamPart`` (gRPC server streaming of
 :data:`~monolith_py.snapshot.store.STREAM_CHUNK`-byte messages, ~1.1 GB/s) when the SMP
-has none.
+has none. Placements go the same way: :class:`GrpcPeers` streams each remote block to
+the peer's data port (``block_writer``) and uses ``PutBlock`` chunk frames when the peer
+has none or the stream fails.
 
 Bad requests get ``INVALID_ARGUMENT`` (and are counted by the store); a missing peer is
 ``UNAVAILABLE`` on the client side (:class:`~monolith_py.errors.UnavailableError`).
