@@ -33,7 +33,9 @@ Reported:
   full part size (the same steady-state snapshots as ``stall_ms``).
 * ``encode_mb_per_s``: zfec encode (k=2, m=3, one thread) of the full part.
 * ``restore_local_s``: rebuild the newest snapshot (its full part and increments, mapped
-  from the local SMP) and load it into a new shard; ``restore_ec_s``: the same with the
+  from the local SMP) and load it into a new shard, at the longest chain between two
+  compactions (snapshots go on after the windows until the chain is ``--full-every``
+  parts long: the worst case); ``restore_ec_s``: the same with the
   local host gone (blocks fetched from the two others and decoded). Both compose straight
   into the new shard's tables (as ``PSParticipant.restore`` does) and include building
   the cuckoo index; ``shard_start_s`` is the restarted shard's table allocation before
@@ -306,9 +308,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             mode: 100.0 * smp_cpu[mode] / (wall[mode] * (os.cpu_count() or 1)) for mode in smp_cpu}
         part.wait_shipped(600)
         coord.wait_idle(600)
-        _wait_idle(smps, 600)  # restores measured without a compaction running beside them
+        _wait_idle(smps, 600)
+        # restores are measured at the longest chain a restore meets between compactions
+        # (a composed full part and --full-every - 1 increments): snapshots go on every
+        # --interval-s of training until the newest one is there
         newest = coord.last_sealed
         assert newest is not None
+        while args.full_every and _chain_parts(smps, newest) < args.full_every:
+            train(args.interval_s, None)
+            newest = coord.snapshot(now[0])
+            part.wait_shipped(600)
+            coord.wait_idle(600)
+            _wait_idle(smps, 600)  # restores measured without a compaction beside them
         # encode throughput of a full part, one thread (as the SMP does it)
         blob = np.random.default_rng(1).integers(0, 255, full_bytes, dtype=np.uint8)
         t = time.perf_counter()
@@ -416,6 +427,23 @@ def _wait_idle(smps: Any, timeout_s: float) -> None:
         if _idle(smps):
             return
         time.sleep(0.2)
+
+
+def _chain_parts(smps: Any, man: Any) -> int:
+    """The parts a restore of ``man`` reads: from the newest composed full part in its
+    chain (an SMP's compaction record), else its whole chain."""
+    from monolith_py.snapshot.recovery import Recovery
+
+    rec = Recovery(smps, 0, job=man.job)
+    try:
+        records = rec.catalog().records
+    finally:
+        rec.close()
+    chain = list(man.chain("ps/0"))
+    for i in range(len(chain) - 1, -1, -1):
+        if ("ps/0", chain[i].snapshot_id, "full") in records:
+            return len(chain) - i
+    return len(chain)
 
 
 def _parts_read(log: list[str]) -> list[tuple[str, int]]:

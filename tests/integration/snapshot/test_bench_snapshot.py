@@ -29,3 +29,5 @@ def test_bench_snapshot_fields() -> None:
     assert any("data blocks read from hosts 1, 2" in line for line in result["restore_ec_log"])
     # each window with snapshots trained on until the SMPs finished its work
     assert len(result["snapshot_window_tail_s"]) == 1 and result["snapshot_window_tail_s"][0] >= 0
+    # restores are measured at the longest chain between compactions (--full-every 8)
+    assert result["restore_chain_parts"] == 8
