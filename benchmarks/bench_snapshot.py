@@ -28,7 +28,9 @@ Reported:
   used in the windows (per snapshot; as a share of all cores, per mode): the work the
   overhead comes from when the "hosts" share the training's cores.
   ``smp_handler_cpu_s``: of it, per SMP and RPC, the CPU spent in request handlers (e.g.
-  ``Lease``: creating and faulting in segments; ``PutBlock``: receiving blocks).
+  ``Lease``: creating and faulting in segments; ``PutBlock``: receiving blocks);
+  ``smp_new_segment_mb``: per SMP, the shared memory it created (rather than recycled)
+  in those windows.
 * ``incremental_bytes_ratio``: increment part size after ``--interval-s`` of training /
   full part size (the same steady-state snapshots as ``stall_ms``).
 * ``encode_mb_per_s``: zfec encode (k=2, m=3, one thread) of the full part.
@@ -259,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         threads: dict[str, float] = {}  # ... by SMP and thread, in the snapshot windows
         pids = [h.procs["smp"].pid for h in cluster.hosts]
         wall = {"none": 0.0, "snap": 0.0}  # seconds in each mode
+        new_mb = {h: 0.0 for h in smps}  # new shared memory the SMPs created (snap windows)
         order = []  # ABBA: none, snap, snap, none, ... (a linear drift cancels in the means)
         for i in range(args.windows):
             order += ["none", "snap"] if i % 2 == 0 else ["snap", "none"]
@@ -269,10 +272,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 thr["none"].append(train(args.window_s, None)[0])
             else:
                 before = _threads(smps)
+                made = {h: c.stats().get("created_bytes", 0) for h, c in smps.items()}
                 t, seals = train(args.window_s, args.interval_s)
                 thr["snap"].append(t)
                 for k, v in _threads(smps).items():
                     threads[k] = threads.get(k, 0.0) + v - before.get(k, 0.0)
+                for h, c in smps.items():
+                    new_mb[h] += (c.stats().get("created_bytes", 0) - made[h]) / (1 << 20)
             smp_cpu[mode] += _cpu_s(pids) - c0
             wall[mode] += time.perf_counter() - w0
             if mode == "none":
@@ -288,6 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["smp_thread_cpu_s"] = {k: round(v, 2) for k, v in sorted(
             threads.items(), key=lambda kv: -kv[1]) if v >= 0.05}
         out["snapshot_window_tail_s"] = [round(x, 2) for x in tails]
+        out["smp_new_segment_mb"] = {h: round(v) for h, v in new_mb.items()}
         out["window_order"] = order
         out["steps_per_s_windows"] = {k: [round(x, 2) for x in v] for k, v in thr.items()}
         out["steps_per_s_none"] = statistics.mean(thr["none"])

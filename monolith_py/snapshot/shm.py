@@ -116,6 +116,7 @@ class SegmentPool:
         self._live: dict[str, Segment] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self.created_bytes = 0  # capacity of the segments created so far (new memory)
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -138,6 +139,7 @@ class SegmentPool:
         seg = self._new(want)
         with self._lock:
             self._live[seg.name] = seg
+            self.created_bytes += seg.capacity
         return seg
 
     def _new(self, size: int) -> Segment:
@@ -195,7 +197,8 @@ class SegmentPool:
             return {"live_segments": len(self._live),
                     "live_bytes": sum(s.capacity for s in self._live.values()),
                     "free_segments": len(self._free),
-                    "free_bytes": sum(s.capacity for s in self._free)}
+                    "free_bytes": sum(s.capacity for s in self._free),
+                    "created_bytes": self.created_bytes}
 
     def close(self, remove_directory: bool = False) -> None:
         """Unmap and remove every segment."""
