@@ -20,7 +20,9 @@ Reported:
   snap, none, ...: a throughput drift over the run, which this VM shows, cancels in the
   means of the windows; ``overhead_pct_median`` compares the medians),
   after ``--warmup-snapshots`` (one compaction cycle: the SMPs then recycle the segments
-  freed by retention, as a long-running job's do) and once the SMPs are idle. A window
+  freed by retention, as a long-running job's do) and ``--warmup-windows`` unmeasured
+  rounds of the window pattern (the SMPs' pools then hold segments for the larger
+  increment that follows a window without snapshots), once the SMPs are idle. A window
   with snapshots goes on training (taking no new snapshot) until the SMPs finished the
   work its snapshots left (``snapshot_window_tail_s``), so none of it lands in the next
   window without.
@@ -91,6 +93,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--warmup-snapshots", type=int, default=9,
                    help="snapshots every --interval-s before the measured windows (default: "
                         "one compaction cycle, the SMPs' steady state)")
+    p.add_argument("--warmup-windows", type=int, default=1,
+                   help="unmeasured rounds of 4 windows (none, snap, snap, none) after the "
+                        "warm-up snapshots")
     p.add_argument("--smp-nice", type=int, default=10,
                    help="nice increment of the SMPs' background (coding, placement) threads")
     p.add_argument("--k", type=int, default=2)
@@ -250,6 +255,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             train(args.interval_s, None)
             coord.snapshot(now[0])
             part.wait_shipped(600)
+        # then windows in the measured pattern, unmeasured: the increment after a window
+        # without snapshots is ~3x a steady one, and the SMPs' pools hold segments of
+        # those sizes only once they have seen them (as a long-running job's would)
+        for mode in ["none", "snap", "snap", "none"] * max(args.warmup_windows, 0):
+            train(args.window_s, None if mode == "none" else args.interval_s)
+        tails.clear()
         coord.wait_idle(600)
         _wait_idle(smps, 600)  # the warm-up's compaction is not charged to either mode
         last_snap[0] = time.perf_counter()
