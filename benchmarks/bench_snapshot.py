@@ -241,8 +241,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         last_snap = [time.perf_counter()]
 
-        # the first snapshot is full (into the segment the participant pre-leased at
-        # start); then a warm-up increment so the leases are sized
+        def settle() -> None:
+            """Until every part is shipped and no SMP has background work (a compaction)."""
+            part.wait_shipped(600)
+            coord.wait_idle(600)
+            _wait_idle(smps, 600)
+
+        # the first snapshot is full (into the segment the participant pre-leased at start)
         part.wait_shipped(600)
         man = coord.snapshot(now[0])
         out["full_stall_ms"] = 1e3 * part.last["stall_s"]
@@ -261,8 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for mode in ["none", "snap", "snap", "none"] * max(args.warmup_windows, 0):
             train(args.window_s, None if mode == "none" else args.interval_s)
         tails.clear()
-        coord.wait_idle(600)
-        _wait_idle(smps, 600)  # the warm-up's compaction is not charged to either mode
+        settle()  # the warm-up's compaction is not charged to either mode
         last_snap[0] = time.perf_counter()
         # alternate windows without / with a snapshot every interval
         thr = {"none": [], "snap": []}
@@ -324,9 +328,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["smp_handler_cpu_s"] = {h: c.stats().get("handler_cpu_s") for h, c in smps.items()}
         out["smp_cpu_pct_of_machine"] = {
             mode: 100.0 * smp_cpu[mode] / (wall[mode] * (os.cpu_count() or 1)) for mode in smp_cpu}
-        part.wait_shipped(600)
-        coord.wait_idle(600)
-        _wait_idle(smps, 600)
+        settle()
         # restores are measured at the longest chain a restore meets between compactions
         # (a composed full part and --full-every - 1 increments): snapshots go on every
         # --interval-s of training until the newest one is there
@@ -335,9 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         while args.full_every and _chain_parts(smps, newest) < args.full_every:
             train(args.interval_s, None)
             newest = coord.snapshot(now[0])
-            part.wait_shipped(600)
-            coord.wait_idle(600)
-            _wait_idle(smps, 600)  # restores measured without a compaction beside them
+            settle()  # restores measured without a compaction beside them
         # encode throughput of a full part, one thread (as the SMP does it)
         blob = np.random.default_rng(1).integers(0, 255, full_bytes, dtype=np.uint8)
         t = time.perf_counter()
@@ -448,20 +448,15 @@ def _wait_idle(smps: Any, timeout_s: float) -> None:
 
 
 def _chain_parts(smps: Any, man: Any) -> int:
-    """The parts a restore of ``man`` reads: from the newest composed full part in its
-    chain (an SMP's compaction record), else its whole chain."""
-    from monolith_py.snapshot.recovery import Recovery
+    """The parts a restore of ``man`` reads (see ``recovery.composed_chain``)."""
+    from monolith_py.snapshot.recovery import Recovery, composed_chain
 
     rec = Recovery(smps, 0, job=man.job)
     try:
-        records = rec.catalog().records
+        composed = composed_chain(rec.catalog().records, man, "ps/0")
     finally:
         rec.close()
-    chain = list(man.chain("ps/0"))
-    for i in range(len(chain) - 1, -1, -1):
-        if ("ps/0", chain[i].snapshot_id, "full") in records:
-            return len(chain) - i
-    return len(chain)
+    return len(composed if composed is not None else list(man.chain("ps/0")))
 
 
 def _parts_read(log: list[str]) -> list[tuple[str, int]]:

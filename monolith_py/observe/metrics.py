@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import os
-
 import threading
 from collections.abc import Sequence
 from typing import Any

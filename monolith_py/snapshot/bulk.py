@@ -76,7 +76,8 @@ Putter = Callable[[Mapping[str, Any]], Any]
 """``put_(meta)``: where a placed block goes: an object with ``view`` (a writable
 ``memoryview`` of exactly the block's bytes), ``commit(block_crc)`` (keeps it; raises
 :class:`~monolith_py.errors.CorruptDataError` when the crc does not match) and
-``abort()``; raises :class:`~monolith_py.errors.InvalidInputError` for a bad request."""
+``abort()`` (gives the segment back unless committed); raises
+:class:`~monolith_py.errors.InvalidInputError` for a bad request."""
 Opener = Callable[[Mapping[str, Any]], Any]
 """``open_(meta)``: a context manager whose ``__enter__`` gives the bytes asked for (kept
 from retention until it exits), ``None`` when not held; raises
@@ -115,6 +116,23 @@ def _read_message(sock: socket.socket) -> dict[str, Any] | None:
         raise ConnectionError("connection closed before the message")
     _, meta = decode_arrays(body, limits=_LIMITS, require_checksum=True)
     return meta
+
+
+def _answer(sock: socket.socket, where: str) -> dict[str, Any]:
+    """The server's answer frame. Its ``error`` is raised: as :class:`CorruptDataError`
+    for a block it found corrupt, else as :class:`InvalidInputError`; a malformed answer
+    is a :class:`CorruptDataError`; a closed connection a ``ConnectionError``."""
+    try:
+        head = _read_message(sock)
+    except (DecodeError, InvalidInputError) as exc:
+        raise CorruptDataError(f"{where}: bad answer: {exc}") from None
+    if head is None:
+        raise ConnectionError("closed before answering")
+    if "error" in head:
+        err = str(head["error"])
+        cls = CorruptDataError if err.startswith("CorruptDataError") else InvalidInputError
+        raise cls(f"{where}: {err}")
+    return head
 
 
 class BulkServer:
@@ -230,7 +248,6 @@ class BulkServer:
     def _serve_put(self, conn: socket.socket, meta: Mapping[str, Any]) -> bool:
         assert self._put is not None
         target = self._put(meta)  # InvalidInputError: answered by the caller
-        done = False
         try:
             conn.sendall(_message({"ready": True}))
             view, got = target.view, 0
@@ -245,17 +262,14 @@ class BulkServer:
                 raise InvalidInputError(f"bad block trailer {trailer!r}")
             try:
                 target.commit(crc)
-                done = True
-            except CorruptDataError as exc:
-                done = True  # commit gave the segment back
+            except CorruptDataError as exc:  # commit gave the segment back
                 self._on_reject()
                 conn.sendall(_message({"error": f"{type(exc).__name__}: {exc}"[:2000]}))
                 return False
             conn.sendall(_message({"ok": True}))
             return True
         finally:
-            if not done:
-                target.abort()
+            target.abort()  # a no-op once committed
 
 
 def _range(meta: Mapping[str, Any], size: int) -> tuple[int, int]:
@@ -288,14 +302,7 @@ def bulk_read(address: tuple[str, int], meta: Mapping[str, Any], sink: Sink, *,
     pos, size = 0, -1
     try:
         sock.sendall(_message(meta))
-        try:
-            head = _read_message(sock)
-        except (DecodeError, InvalidInputError) as exc:
-            raise CorruptDataError(f"{where}: bad answer: {exc}") from None
-        if head is None:
-            raise ConnectionError("closed before answering")
-        if "error" in head:
-            raise InvalidInputError(f"{where}: {head['error']}")
+        head = _answer(sock, where)
         if not head.get("found"):
             return None
         announced = head.get("size")
@@ -352,17 +359,9 @@ class BulkWriter:
 
     def _answer(self, field: str) -> None:
         try:
-            head = _read_message(self._sock)
-        except (DecodeError, InvalidInputError) as exc:
-            raise CorruptDataError(f"{self._where}: bad answer: {exc}") from None
+            head = _answer(self._sock, self._where)
         except (OSError, ConnectionError) as exc:
             raise UnavailableError(f"{self._where}: {type(exc).__name__}: {exc}") from None
-        if head is None:
-            raise UnavailableError(f"{self._where}: closed before answering")
-        if "error" in head:
-            err = str(head["error"])
-            cls = CorruptDataError if err.startswith("CorruptDataError") else InvalidInputError
-            raise cls(f"{self._where}: {err}")
         if head.get(field) is not True:
             raise CorruptDataError(f"{self._where}: unexpected answer {head!r}")
 

@@ -47,7 +47,7 @@ from monolith_py.snapshot.compose import Stage
 from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
 from monolith_py.snapshot.shm import attach
 
-__all__ = ["PartSource", "Catalog", "Restored", "Recovery"]
+__all__ = ["PartSource", "Catalog", "Restored", "Recovery", "composed_chain"]
 
 log = logging.getLogger("monolith.snapshot.recovery")
 
@@ -112,6 +112,19 @@ class Restored:
 
 def _name(rec: PartRecord) -> str:
     return f"{rec.participant} {rec.kind} part of snapshot {rec.snapshot_id}"
+
+
+def composed_chain(records: Mapping[PartKey, PartRecord], man: Manifest, p: str
+                   ) -> list[PartRecord] | None:
+    """The parts a restore of ``p`` at ``man`` reads first: the newest full part an SMP
+    composed within the chain (one of ``records``, compaction records), then the chain's
+    increments after it; ``None`` when no part of the chain was composed."""
+    chain = list(man.chain(p))
+    for i in range(len(chain) - 1, -1, -1):
+        full = records.get((p, chain[i].snapshot_id, "full"))
+        if full is not None and full.key != chain[i].key:
+            return [full, *chain[i + 1:]]
+    return None
 
 
 def _checked(part: Any, rec: PartRecord) -> Any:
@@ -356,17 +369,14 @@ class Recovery:
     def _ps_state(self, cat: Catalog, p: str, man: Manifest, stage: Stage | None) -> Any:
         """Compose ``p``'s chain at ``man``, starting from the newest composed full part an
         SMP recorded in the chain (if it reads), else from the chain's own full part."""
-        chain = list(man.chain(p))
-        for i in range(len(chain) - 1, -1, -1):
-            full = cat.records.get((p, chain[i].snapshot_id, "full"))
-            if full is not None and full.key != chain[i].key:
-                try:
-                    return self._compose([full, *chain[i + 1:]], stage)
-                except MonolithError as exc:
-                    self._note(f"{p}: composed full part of {chain[i].snapshot_id} unusable "
-                               f"({exc}); trying the chain")
-                break
-        return self._compose(chain, stage)
+        composed = composed_chain(cat.records, man, p)
+        if composed is not None:
+            try:
+                return self._compose(composed, stage)
+            except MonolithError as exc:
+                self._note(f"{p}: composed full part of {composed[0].snapshot_id} unusable "
+                           f"({exc}); trying the chain")
+        return self._compose(list(man.chain(p)), stage)
 
     def _build(self, cat: Catalog, man: Manifest, p: str, stage: Stage | None = None
                ) -> Restored:

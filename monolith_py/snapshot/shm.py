@@ -120,16 +120,16 @@ class SegmentPool:
 
     # -- allocation ---------------------------------------------------------------------------
 
-    def create(self, nbytes: int, slack: float = 2.0) -> Segment:
-        """A segment of at least ``nbytes``: the smallest free one up to ``slack`` times
-        that size, else a new one."""
+    def create(self, nbytes: int) -> Segment:
+        """A segment of at least ``nbytes``: the smallest free one up to twice that size,
+        else a new one."""
         if nbytes < 0:
             raise InvalidInputError(f"segment size must be >= 0, got {nbytes}")
         want = _round(nbytes)
         with self._lock:
             best = None
             for seg in self._free:
-                if want <= seg.capacity <= slack * want and (
+                if want <= seg.capacity <= 2 * want and (
                         best is None or seg.capacity < best.capacity):
                     best = seg
             if best is not None:

@@ -84,6 +84,7 @@ log = logging.getLogger("monolith.snapshot.smp")
 SERVICE = "monolith.snapshot.v1.SMP"
 MAX_MESSAGE_BYTES = 64 << 20
 _CHUNK = 8 << 20  # ranged unary reads (whole blocks and parts are streamed)
+_NO_PORT = object()  # SMPClient._on_data_port: the SMP has no data port
 _LIMITS = WireLimits(max_header_bytes=4 << 20, max_arrays=1 << 16,
                      max_total_bytes=MAX_MESSAGE_BYTES, max_ndim=2)
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -433,16 +434,38 @@ class SMPClient:
             fed[0] = True
             sink(off, chunk)
 
+        got = self._on_data_port(
+            lambda addr: bulk_read(addr, {**meta, "op": op}, feed, timeout_s=self.timeout_s),
+            may_retry=lambda: not fed[0])
+        if got is _NO_PORT:
+            return self._grpc_stream(method, meta, sink, size_hint)
+        return got  # type: ignore[no-any-return]
+
+    def _on_data_port(self, call: Callable[[tuple[str, int]], Any],
+                      may_retry: Callable[[], bool] = lambda: True) -> Any:
+        """``call(address)`` on the SMP's data port; if it cannot be reached (the SMP
+        restarted on another port), the port is asked again and ``call`` tried once more
+        when ``may_retry()``. :data:`_NO_PORT` when the SMP has no data port (or the port
+        it gives cannot be reached either, and ``may_retry()``)."""
         for refresh in (False, True):
             addr = self._bulk_address(refresh)
             if addr is None:
                 break
             try:
-                return bulk_read(addr, {**meta, "op": op}, feed, timeout_s=self.timeout_s)
+                return call(addr)
             except UnavailableError:
-                if fed[0]:
+                if not may_retry():
                     raise
-        return self._grpc_stream(method, meta, sink, size_hint)
+        return _NO_PORT
+
+    def block_writer(self, key: BlockKey, block_bytes: int, part_size: int) -> BulkWriter | None:
+        """A stream placing block ``key`` on this SMP's data port (``None``: it has none
+        that answers; use ``put_block``)."""
+        p, sid, kind, idx = key
+        meta = {"participant": p, "snapshot_id": sid, "kind": kind, "index": idx,
+                "block_bytes": int(block_bytes), "part_size": int(part_size)}
+        w = self._on_data_port(lambda addr: BulkWriter(addr, meta, timeout_s=self.timeout_s))
+        return None if w is _NO_PORT else w  # type: ignore[no-any-return]
 
     def _grpc_stream(self, method: str, meta: dict[str, Any],
                      sink: Callable[[int, memoryview], None], size_hint: int | None
@@ -661,22 +684,7 @@ class GrpcPeers:
 
     def block_writer(self, host: int, key: BlockKey, block_bytes: int, part_size: int
                      ) -> BulkWriter | None:
-        """A stream placing block ``key`` on ``host``'s data port (``None``: it has none;
-        the port is asked again once if the first connection fails)."""
-        client = self._client(host)
-        p, sid, kind, idx = key
-        meta = {"participant": p, "snapshot_id": sid, "kind": kind, "index": idx,
-                "block_bytes": int(block_bytes), "part_size": int(part_size)}
-        for refresh in (False, True):
-            addr = client._bulk_address(refresh)
-            if addr is None:
-                return None
-            try:
-                return BulkWriter(addr, meta, timeout_s=client.timeout_s)
-            except UnavailableError:
-                if refresh:
-                    raise
-        return None
+        return self._client(host).block_writer(key, block_bytes, part_size)
 
     def put_record(self, host: int, record: PartRecord) -> None:
         self._client(host).put_record(record)

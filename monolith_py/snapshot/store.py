@@ -394,22 +394,8 @@ class SnapshotStore:
         the host's data port when it has one, else chunk by chunk over ``PutBlock`` (also
         the fallback when a data port fails midway: the part is then placed again)."""
         cfg = self.config
-        size = view.nbytes
-        bs = block_size(size, cfg.k)
         placement = block_placement(cfg.host_id, cfg.num_hosts, cfg.k, cfg.m)
-        open_writer = getattr(self.peers, "block_writer", None)
-        writers: dict[int, Any] = {}
-        if open_writer is not None:
-            for i in range(cfg.m):
-                if placement[i] != cfg.host_id:
-                    try:
-                        w = open_writer(placement[i], (*key, i), bs, size)
-                    except MonolithError as exc:
-                        log.info("SMP %d: data port of host %d unusable (%s); PutBlock",
-                                 cfg.host_id, placement[i], exc)
-                        w = None
-                    if w is not None:
-                        writers[i] = w
+        writers = self._open_writers(key, placement, view.nbytes)
         if writers:
             try:
                 return self._code_and_send(key, view, base_id, placement, writers)
@@ -420,6 +406,27 @@ class SnapshotStore:
                 for w in writers.values():
                     w.close()
         return self._code_and_send(key, view, base_id, placement, {})
+
+    def _open_writers(self, key: PartKey, placement: tuple[int, ...], size: int
+                      ) -> dict[int, Any]:
+        """``{block index: stream}`` to the data ports of the hosts that have one."""
+        open_writer = getattr(self.peers, "block_writer", None)
+        if open_writer is None:
+            return {}
+        bs = block_size(size, self.config.k)
+        writers: dict[int, Any] = {}
+        for i, host in enumerate(placement):
+            if host == self.config.host_id:
+                continue
+            try:
+                w = open_writer(host, (*key, i), bs, size)
+            except MonolithError as exc:
+                log.info("SMP %d: data port of host %d unusable (%s); PutBlock",
+                         self.config.host_id, host, exc)
+                continue
+            if w is not None:
+                writers[i] = w
+        return writers
 
     def _code_and_send(self, key: PartKey, view: memoryview, base_id: int,
                        placement: tuple[int, ...], writers: dict[int, Any]) -> PartRecord:
@@ -500,6 +507,7 @@ class SnapshotStore:
             self._reject("block")
             raise
         off, bb = int(meta["offset"]), int(meta["block_bytes"])
+        self._check_block(key, bb, int(meta["part_size"]))
         with self._mu:
             entry = self._incoming.get(key)
             if off == 0:
@@ -526,6 +534,12 @@ class SnapshotStore:
     def block_target(self, key: BlockKey, block_bytes: int, part_size: int) -> _BlockTarget:
         """Where block ``key`` placed in one stream (the data port) is written: a segment
         of ``block_bytes``, kept by ``commit(block_crc)`` if the crc32c matches."""
+        self._check_block(key, block_bytes, part_size)
+        return _BlockTarget(self, key, self.pool.create(block_bytes), block_bytes)
+
+    def _check_block(self, key: BlockKey, block_bytes: int, part_size: int) -> None:
+        """A block placed here (either way) must be one this group's coding makes: an
+        index below ``m`` and the size a ``k``-way split of its part gives."""
         p, sid, kind, idx = key
         try:
             check_participant(p)
@@ -537,7 +551,6 @@ class SnapshotStore:
         except InvalidInputError:
             self._reject("block")
             raise
-        return _BlockTarget(self, key, self.pool.create(block_bytes), block_bytes)
 
     def get_block(self, key: BlockKey, offset: int = 0, length: int | None = None) -> bytes | None:
         """A copy of (a range of) block ``key`` held here; data blocks ``< k`` of a home

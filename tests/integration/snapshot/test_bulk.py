@@ -14,6 +14,7 @@ import crc32c
 from monolith_py.errors import CorruptDataError, InvalidInputError, UnavailableError
 from monolith_py.observe.metrics import REGISTRY
 from monolith_py.ps import PSShard
+from monolith_py.snapshot.blocks import block_frame
 from monolith_py.snapshot.bulk import MAX_REQUEST, BulkServer, BulkWriter, bulk_read
 from monolith_py.snapshot.pspart import ShardCapturer
 from monolith_py.snapshot.smp import SMPClient, SMPServer
@@ -283,6 +284,14 @@ def test_blocks_are_placed_through_the_data_port_and_checked(smp: SMPServer) -> 
     _wait_until(lambda: smp.store.pool.stats()["live_segments"] == live + 1)
     assert smp.store.get_block(("ps/0", 6, "inc", 0)) is None
     assert _rejected() + _rejected("block") - bulk0 - block0 >= 5
+    # PutBlock chunks are held to the same rules (a block of this group's coding)
+    for bb, ps, idx in ((data.nbytes, data.nbytes + 1, 0), (data.nbytes, 0, 0),
+                        (data.nbytes, data.nbytes, 1)):
+        with pytest.raises(InvalidInputError):
+            smp.store.put_block(block_frame(("ps/0", 8, "inc", idx), 0, data[:10],
+                                            block_bytes=bb, part_size=ps, final=False,
+                                            block_crc=0))
+    assert smp.store.get_block(("ps/0", 8, "inc", 0)) is None
     out, sink = _collect(data.nbytes)                             # and it still serves
     assert bulk_read(addr, {"op": "block", "participant": "ps/0", "snapshot_id": 4,
                             "kind": "inc", "index": 0}, sink) == data.nbytes
