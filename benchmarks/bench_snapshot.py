@@ -19,7 +19,7 @@ Reported:
   none; the two modes alternate in windows of ``--window-s`` in ABBA order (none, snap,
   snap, none, ...: a throughput drift over the run, which this VM shows, cancels in the
   means of the windows; ``overhead_pct_median`` compares the medians),
-  after ``--warmup-snapshots`` (one compaction cycle: the SMPs then recycle the segments
+  after ``--warmup-snapshots`` (two compaction cycles: the SMPs then recycle the segments
   freed by retention, as a long-running job's do) and ``--warmup-windows`` unmeasured
   rounds of the window pattern (the SMPs' pools then hold segments for the larger
   increment that follows a window without snapshots), once the SMPs are idle. A window
@@ -90,9 +90,11 @@ def register(subparsers: Any) -> None:
                    help="MiB of freed segments each SMP keeps mapped for reuse (new shared "
                         "memory faults in at up to 3 s/GiB on a VM: without reuse that is "
                         "most of the SMPs' CPU)")
-    p.add_argument("--warmup-snapshots", type=int, default=9,
+    p.add_argument("--warmup-snapshots", type=int, default=None,
                    help="snapshots every --interval-s before the measured windows (default: "
-                        "one compaction cycle, the SMPs' steady state)")
+                        "two compaction cycles and one more snapshot, the SMPs' steady "
+                        "state: a compaction reuses the segment of the full part before "
+                        "last, which exists from the second one on)")
     p.add_argument("--warmup-windows", type=int, default=1,
                    help="unmeasured rounds of 4 windows (none, snap, snap, none) after the "
                         "warm-up snapshots")
@@ -254,9 +256,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         full_bytes = man.parts["ps/0"].size
         out["full_part_mb"] = full_bytes / (1 << 20)
         part.wait_shipped(600)
-        # warm-up: one compaction cycle of snapshots, so the SMPs recycle freed segments
+        # warm-up: two compaction cycles of snapshots, so the SMPs recycle freed segments
         # as a long-running job's do (new shared memory faults in at up to 3 s/GiB here)
-        for _ in range(max(args.warmup_snapshots, 1)):
+        warmup = args.warmup_snapshots
+        if warmup is None:
+            warmup = 2 * args.full_every + 1 if args.full_every > 0 else 9
+        for _ in range(max(warmup, 1)):
             train(args.interval_s, None)
             coord.snapshot(now[0])
             part.wait_shipped(600)

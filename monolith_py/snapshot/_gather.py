@@ -71,6 +71,31 @@ def arena_of(table: Any) -> ArenaView | None:
     return view if ok else None
 
 
+def meta_of(table: Any) -> np.ndarray | None:
+    """The row records of ``table`` (a view: valid, if stale, after the lock is released,
+    since a growing arena allocates new arrays) or ``None``."""
+    try:
+        a = table._arena
+        meta = a.meta[: int(a.high_water)]
+    except (AttributeError, TypeError):
+        return None
+    ok = isinstance(meta, np.ndarray) and meta.dtype == np.int64 and meta.ndim == 2
+    return meta if ok and meta.shape[1] == 4 else None
+
+
+@njit(cache=True)
+def count_rows(meta, since):  # type: ignore[no-untyped-def]
+    """``(live, dirty)`` counts of :func:`scan_rows`, without writing the indices."""
+    nl = 0
+    nd = 0
+    for r in range(meta.shape[0]):
+        if meta[r, 0] != _EMPTY:
+            nl += 1
+            if meta[r, 3] > since:
+                nd += 1
+    return nl, nd
+
+
 @njit(cache=True)
 def scan_rows(meta, since, live_out, dirty_out):  # type: ignore[no-untyped-def]
     """Live keys (arena order) into ``live_out``; rows with version > since into

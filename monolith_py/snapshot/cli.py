@@ -65,6 +65,9 @@ def register_smp(subparsers: Any) -> None:
                    help="MiB of freed segments kept faulted in for reuse (default 1024)")
     p.add_argument("--place-timeout-s", type=float, default=60.0,
                    help="how long block placement retries an unavailable peer (default 60)")
+    p.add_argument("--max-part-mb", type=int, default=0,
+                   help="refuse parts (leases, blocks' parts) larger than this many MiB "
+                        "(default 0: half the size of the segment directory's filesystem)")
     p.add_argument("--shm-dir", default=None,
                    help="segment directory (default /dev/shm/monolith-<job>-h<host>)")
     p.add_argument("--nice", type=int, default=10,
@@ -93,7 +96,8 @@ def _smp_main(args: argparse.Namespace) -> int:
     cfg = SMPConfig(job=args.job, host_id=args.host_id, num_hosts=n, k=args.k, m=args.m,
                     keep=args.keep, full_every=args.full_every, shm_dir=args.shm_dir,
                     place_timeout_s=args.place_timeout_s,
-                    keep_free_bytes=args.keep_free_mb << 20, background_nice=args.nice)
+                    keep_free_bytes=args.keep_free_mb << 20, background_nice=args.nice,
+                    max_part_bytes=args.max_part_mb << 20)
     server = SMPServer(cfg, args.port, args.host, peers=peers,
                        bulk_port=args.bulk_port).start(repair=args.repair)
     if args.metrics_port is not None:

@@ -32,7 +32,8 @@ import numpy as np
 from monolith_py.errors import DecodeError, InvalidInputError, MonolithError, SnapshotError
 from monolith_py.observe.metrics import histogram
 from monolith_py.snapshot.manifest import check_participant
-from monolith_py.snapshot.pspart import CapturedPart, ShardCapturer
+from monolith_py.snapshot.pspart import (CapturedPart, ShardCapturer, row_bytes,
+                                         table_extra_bytes)
 from monolith_py.snapshot.recovery import PartSource, Recovery, Restored
 from monolith_py.snapshot.shm import attach
 from monolith_py.snapshot.trainerpart import encode_trainer_part
@@ -51,9 +52,11 @@ _MIN_LEASE = 1 << 20
 class _Shipper:
     """Background thread that finishes and commits captured parts, one at a time."""
 
-    def __init__(self, name: str, fn: Callable[[Any], None]) -> None:
+    def __init__(self, name: str, fn: Callable[[Any], None],
+                 on_idle: Callable[[], float | None] | None = None) -> None:
         self._q: queue.Queue[Any] = queue.Queue()
         self._fn = fn
+        self._on_idle = on_idle  # called when the queue is empty: seconds until next call
         self._idle = threading.Event()
         self._idle.set()
         self.errors: list[str] = []
@@ -70,18 +73,30 @@ class _Shipper:
                            os.getpriority(os.PRIO_PROCESS, 0) + 10)
         except (OSError, AttributeError):
             pass
+        wait: float | None = None
         while True:
-            item = self._q.get()
+            try:
+                item = self._q.get(timeout=wait)
+            except queue.Empty:
+                item = ()
             if item is None:
                 return
             try:
-                self._fn(item)
+                if item != ():
+                    self._fn(item)
             except Exception as exc:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 log.warning("shipping a part failed: %s: %s", type(exc).__name__, exc)
             finally:
                 if self._q.empty():
                     self._idle.set()
+            wait = None
+            if self._on_idle is not None and self._q.empty():
+                try:
+                    wait = self._on_idle()
+                except Exception as exc:  # a failed lease renewal: the next part copies
+                    log.warning("%s: %s", type(exc).__name__, exc)
+                    wait = 5.0
 
     def wait(self, timeout_s: float) -> bool:
         return self._idle.wait(timeout_s)
@@ -121,9 +136,9 @@ class PSParticipant:
         self._mapping: Any = None
         self._lease_lock = threading.Lock()
         self._next_lease = 0
-        self._inc_sizes: list[int] = []
         self._mu = threading.Lock()
-        self._shipper = _Shipper(self.name, self._ship)
+        self._captured_at: list[float] = []  # monotonic times of recent captures
+        self._shipper = _Shipper(self.name, self._ship, self._watch_lease)
         self.last: dict[str, Any] = {}
         self.stalls: list[float] = []  # lock-held seconds of recent captures
         self._stall = histogram("monolith_snapshot_stall_seconds",
@@ -135,13 +150,8 @@ class PSParticipant:
     def full_size_estimate(self) -> int:
         """Bytes of a full part of the shard now (rows, slots, metadata, small arrays)."""
         total = 1 << 20
-        for name, t in self.shard.tables.items():
-            st = t.stats()
-            per_row = 32 + 4 * t.dim + 4 * sum(
-                int(getattr(a, "shape", (0, 0))[1]) for a in getattr(
-                    getattr(t, "_arena", None), "slots", {}).values())
-            total += int(st.get("size", 0)) * per_row + int(st.get("filter_memory_bytes", 0))
-            total += 16 * int(st.get("deletion_log", 0))
+        for t in self.shard.tables.values():
+            total += int(t.stats().get("size", 0)) * row_bytes(t) + table_extra_bytes(t)
         return total
 
     # -- leases ------------------------------------------------------------------------------------
@@ -154,22 +164,58 @@ class PSParticipant:
         return None
 
     def _renew_lease(self, nbytes: int) -> None:
-        with self._lease_lock:
-            self._drop_lease_locked()
-            lease = self.smp.lease(self.name, max(_MIN_LEASE, int(nbytes)))
-            self._mapping = attach(lease["path"], int(lease["capacity"]), writable=True,
-                                   directory=lease.get("directory"))
-            self._lease = lease
+        """Lease a segment of ``nbytes`` for the next part, then swap it in between two
+        captures (a capture may be writing into the current one) and give the old one
+        back."""
+        lease = self.smp.lease(self.name, max(_MIN_LEASE, int(nbytes)))
+        try:
+            mapping = attach(lease["path"], int(lease["capacity"]), writable=True,
+                             directory=lease.get("directory"))
+        except BaseException:
+            self._give_back(None, lease)
+            raise
+        with self._mu, self._lease_lock:
+            old = (self._mapping, self._lease)
+            self._mapping, self._lease = mapping, lease
+        self._give_back(*old)
 
     def _drop_lease_locked(self) -> None:
-        if self._mapping is not None:
-            self._mapping.close()
-        if self._lease is not None:
+        self._give_back(self._mapping, self._lease)
+        self._mapping, self._lease = None, None
+
+    def _give_back(self, mapping: Any, lease: dict[str, Any] | None) -> None:
+        if mapping is not None:
+            mapping.close()
+        if lease is not None:
             try:
-                self.smp.release(self.name, self._lease["segment"])
+                self.smp.release(self.name, lease["segment"])
             except MonolithError:  # the SMP restarted or is down: nothing to give back
                 pass
-        self._mapping, self._lease = None, None
+
+    def _watch_lease(self) -> float | None:
+        """Between captures (on the shipper thread): once the next capture is overdue,
+        count the rows changed since the last one and lease a larger segment if the
+        increment would no longer fit. After a pause in snapshots the increment grows
+        past the lease, and a part that does not fit is copied into fresh private memory
+        while training is blocked (hundreds of ms per 100 MB on a VM). Returns the seconds
+        until the next look (``None``: not before the next capture)."""
+        times = self._captured_at
+        last = self.last.get("snapshot_id")
+        if len(times) < 3 or last is None:
+            return None
+        gaps = sorted(b - a for a, b in zip(times, times[1:]))
+        typical = max(gaps[len(gaps) // 2], 0.05)
+        due = times[-1] + 1.25 * typical - time.monotonic()
+        if due > 0:
+            return due
+        est = self.capturer.estimate_inc_bytes(int(last))
+        with self._lease_lock:
+            cap = int(self._lease["capacity"]) if self._lease is not None else 0
+        if est is not None and 1.25 * est > cap:
+            log.info("%s: the next increment grew to about %.0f MB (lease %.0f MB): "
+                     "leasing a larger segment", self.name, est / 1e6, cap / 1e6)
+            self._renew_lease(int(1.5 * est))
+        return max(0.5, 0.5 * typical)
 
     # -- capture -----------------------------------------------------------------------------------
 
@@ -180,6 +226,7 @@ class PSParticipant:
             fault_point("ps.capture")
             part = self.capturer.capture(snapshot_id, step, base_id, alloc=self._take_lease,
                                          extra_meta={"participant": self.name})
+            self._captured_at = (self._captured_at + [time.monotonic()])[-6:]
             self._stall.observe(part.stall_s)
             self.stalls = (self.stalls + [part.stall_s])[-1000:]
             lease = mapping = None
@@ -213,12 +260,10 @@ class PSParticipant:
             self.smp.put_part(self.name, part.frame())
         else:
             self._commit_copy(part)
-        if kind == "inc":
-            self._inc_sizes = (self._inc_sizes + [nbytes])[-4:]
-            nxt = int(2.0 * max(self._inc_sizes))
-        else:
-            nxt = int(0.5 * nbytes)
-        self._renew_lease(nxt)
+        # room for the next increment if it grows by half (a longer pause than usual
+        # is caught by _watch_lease); not more, or a lease after one large increment
+        # would take the segment a compaction needs next
+        self._renew_lease(int(1.5 * nbytes) if kind == "inc" else int(0.5 * nbytes))
 
     def _commit_copy(self, part: CapturedPart) -> None:
         lease = self.smp.lease(self.name, part.nbytes)
@@ -249,7 +294,7 @@ class PSParticipant:
         finally:
             rec.close()
         self.capturer.forget()
-        self._inc_sizes = []
+        self._captured_at = []
         self._shipper.put("lease")  # the next part is full: lease for its size
         return restored
 

@@ -112,6 +112,19 @@ def _table_specs(i: int, dim: int, slots: Mapping[str, int], d: int, live: int |
     return specs
 
 
+def row_bytes(table: Any) -> int:
+    """Bytes of one captured row of ``table``: its record, weights and optimizer slots."""
+    slots = getattr(getattr(table, "_arena", None), "slots", {})
+    return 32 + 4 * int(table.dim) + 4 * sum(
+        int(getattr(a, "shape", (0, 0))[1]) for a in slots.values())
+
+
+def table_extra_bytes(table: Any) -> int:
+    """Bytes every part of ``table`` carries besides its rows (filter, deletion log)."""
+    st = table.stats()
+    return int(st.get("filter_memory_bytes", 0)) + 16 * int(st.get("deletion_log", 0))
+
+
 class ShardCapturer:
     """Captures the parts of one :class:`~monolith_py.ps.PSShard` (or of any object with
     ``lock``, ``tables``, ``shard_id``, ``num_shards``).
@@ -140,6 +153,25 @@ class ShardCapturer:
             self._live_scratch = np.empty(cap, dtype=np.int64)
             self._dirty_scratch = np.empty(cap, dtype=np.int64)
         return self._live_scratch, self._dirty_scratch
+
+    def estimate_inc_bytes(self, base_id: int) -> int | None:
+        """About the bytes an increment against ``base_id`` would take now (``None`` if
+        ``base_id`` was not captured). Counts the changed rows without the shard lock,
+        which is held only to take references to the row records: the count may be a
+        little stale, never unsafe."""
+        base = self._versions.get(base_id)
+        if base is None:
+            return None
+        with self.shard.lock:
+            metas = [(t, _gather.meta_of(t), base.get(name, -1))
+                     for name, t in self.shard.tables.items()]
+        total = 1 << 20
+        for table, meta, since in metas:
+            if meta is None:
+                return None
+            live, dirty = _gather.count_rows(meta, np.int64(since))
+            total += dirty * row_bytes(table) + 8 * live + table_extra_bytes(table)
+        return int(total)
 
     def capture(self, snapshot_id: int, step: int, base_id: int | None,
                 alloc: Callable[[int], Any] | None = None,

@@ -66,6 +66,11 @@ _MAX_LEASES = 3  # per participant: one in flight, one current, one spare
 
 
 
+def _half_the_filesystem(directory: str) -> int:
+    st = os.statvfs(directory)
+    return max(st.f_blocks * st.f_frsize // 2, 1 << 20)
+
+
 @dataclass(frozen=True)
 class SMPConfig:
     """Settings of one SMP.
@@ -81,6 +86,11 @@ class SMPConfig:
         chunk_bytes: block bytes per transfer message.
         place_timeout_s: how long a block transfer may retry an unavailable peer.
         keep_free_bytes: released segment bytes kept for reuse.
+        max_part_bytes: the largest part this SMP accepts (a lease, a committed or sent
+            part, the part of a block a peer places here); larger requests are refused
+            before any memory is reserved. 0: half the size of the filesystem holding
+            the segment directory (a part that large could not be held beside the chain
+            and the compaction that replaces it anyway).
         background_nice: CPU priority decrease of the threads doing background work
             (erasure coding, placement, compaction), so they yield to training on a
             shared host; the threads serving reads (restores) keep normal priority.
@@ -97,6 +107,7 @@ class SMPConfig:
     chunk_bytes: int = 8 << 20
     place_timeout_s: float = 60.0
     keep_free_bytes: int = 1 << 30
+    max_part_bytes: int = 0
     background_nice: int = 10
 
     def __post_init__(self) -> None:
@@ -110,8 +121,10 @@ class SMPConfig:
             raise ConfigError(
                 f"SMPConfig: {self.num_hosts} hosts cannot hold m={self.m} blocks on distinct "
                 f"hosts; add hosts or lower m (and k)")
-        if self.keep < 1 or self.full_every < 0 or self.chunk_bytes < 4096:
-            raise ConfigError("SMPConfig: keep >= 1, full_every >= 0, chunk_bytes >= 4096")
+        if (self.keep < 1 or self.full_every < 0 or self.chunk_bytes < 4096
+                or self.max_part_bytes < 0):
+            raise ConfigError("SMPConfig: keep >= 1, full_every >= 0, chunk_bytes >= 4096, "
+                              "max_part_bytes >= 0")
 
     @property
     def directory(self) -> str:
@@ -174,6 +187,7 @@ class SnapshotStore:
         self.peers = peers
         self.chain_reader = chain_reader
         self.pool = SegmentPool(config.directory, config.keep_free_bytes)
+        self.max_part_bytes = config.max_part_bytes or _half_the_filesystem(config.directory)
         self._mu = threading.RLock()
         self._leases: dict[str, str] = {}
         self._parts: dict[PartKey, _Blob] = {}
@@ -208,8 +222,10 @@ class SnapshotStore:
     def lease(self, participant: str, nbytes: int) -> dict[str, Any]:
         """A segment of at least ``nbytes`` for ``participant`` to write its next part."""
         check_participant(participant)
-        if not 0 < nbytes <= 1 << 40:
-            raise InvalidInputError(f"lease size must be in (0, 2^40], got {nbytes}")
+        if not 0 < nbytes <= self.max_part_bytes:
+            self._reject("lease")
+            raise InvalidInputError(f"lease size must be in (0, {self.max_part_bytes}] (this "
+                                    f"SMP's largest part), got {nbytes}")
         # a lease is held only until its part is committed (a part much smaller than its
         # lease then moves to a segment of its own size): leases come in powers of two, so
         # the one given back serves the next request unless the size crosses one, rather
@@ -275,6 +291,10 @@ class SnapshotStore:
         """Store a part sent as bytes (remote writers, small parts)."""
         check_participant(participant)
         view = memoryview(data).cast("B")
+        if view.nbytes > self.max_part_bytes:
+            self._reject("part")
+            raise InvalidInputError(f"a part of {view.nbytes} bytes: more than this SMP's "
+                                    f"largest part ({self.max_part_bytes} bytes)")
         seg = self.pool.create(view.nbytes)
         seg.view[: view.nbytes] = view
         try:
@@ -545,7 +565,10 @@ class SnapshotStore:
             check_participant(p)
             if kind not in ("full", "inc") or sid < 0 or not 0 <= idx < self.config.m:
                 raise InvalidInputError(f"bad block key {key}")
-            if not 0 < part_size <= 1 << 40 or block_bytes != block_size(part_size, self.config.k):
+            if not 0 < part_size <= self.max_part_bytes:
+                raise InvalidInputError(f"a block of a {part_size}-byte part: more than this "
+                                        f"SMP's largest part ({self.max_part_bytes} bytes)")
+            if block_bytes != block_size(part_size, self.config.k):
                 raise InvalidInputError(f"a block of a {part_size}-byte part with k="
                                         f"{self.config.k} is not {block_bytes} bytes")
         except InvalidInputError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from monolith_py.snapshot.blocks import block_frame
 from monolith_py.snapshot.bulk import MAX_REQUEST, BulkServer, BulkWriter, bulk_read
 from monolith_py.snapshot.pspart import ShardCapturer
 from monolith_py.snapshot.smp import SMPClient, SMPServer
-from monolith_py.snapshot.store import SMPConfig
+from monolith_py.snapshot.store import SMPConfig, SnapshotStore
 from monolith_py.table import TableConfig
 from monolith_py.wire import encode_arrays
 
@@ -340,3 +341,43 @@ def test_placement_falls_back_to_put_block_when_a_data_port_fails(tmp_path: Any)
                 assert block is not None and crc32c.crc32c(block) == rec.block_crcs[i]
     finally:
         group.close()
+
+
+def test_parts_larger_than_the_smp_accepts_are_refused_before_memory_is_reserved(
+        tmp_path: Any) -> None:
+    """``max_part_bytes``: a lease, a sent part and a placed block (either way) of a larger
+    part are refused with a clear error and counted; nothing is reserved for them."""
+    mib = 1 << 20
+    cfg = SMPConfig(job="bulk", host_id=0, num_hosts=1, k=1, m=1, shm_dir=str(tmp_path / "shm"),
+                    max_part_bytes=8 * mib)
+    server = SMPServer(cfg).start(repair=False)
+    client = SMPClient(server.address)
+    try:
+        store = server.store
+        created = store.pool.stats()["created_bytes"]
+        with pytest.raises(InvalidInputError, match="largest part"):
+            client.lease("ps/0", 8 * mib + 1)
+        assert client.lease("ps/0", 8 * mib)["capacity"] >= 8 * mib     # at the limit: fine
+        with pytest.raises(InvalidInputError, match="largest part"):
+            store.put_part("ps/0", bytes(8 * mib + 1))
+        big = 1 << 40
+        meta = {"participant": "ps/0", "snapshot_id": 4, "kind": "inc", "index": 0,
+                "block_bytes": big, "part_size": big}
+        with pytest.raises(InvalidInputError, match="largest part"):
+            BulkWriter(("127.0.0.1", server.bulk.port), meta)
+        with pytest.raises(InvalidInputError, match="largest part"):
+            store.put_block(block_frame(("ps/0", 4, "inc", 0), 0, b"x" * 10, block_bytes=big,
+                                        part_size=big, final=False, block_crc=0))
+        assert store.pool.stats()["created_bytes"] - created <= 8 * mib + mib  # the lease only
+        assert _rejected("lease") >= 1 and _rejected("block") >= 2
+    finally:
+        client.close()
+        server.stop()
+    default = SMPConfig(job="bulk", host_id=0, num_hosts=1, k=1, m=1,
+                        shm_dir=str(tmp_path / "shm2"))
+    st = os.statvfs(str(tmp_path))
+    store = SnapshotStore(default)
+    try:
+        assert store.max_part_bytes == st.f_blocks * st.f_frsize // 2
+    finally:
+        store.close()

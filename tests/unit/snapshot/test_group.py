@@ -5,6 +5,7 @@ universal checkpoints and N -> M resharding."""
 from __future__ import annotations
 
 import copy
+import time
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -405,3 +406,42 @@ def test_manifest_chains_restart_at_composed_full_parts(tmp_path: Any) -> None:
         job.close()
     finally:
         g.close()
+
+
+def test_lease_grows_when_a_pause_makes_the_next_increment_larger(group: LocalGroup) -> None:
+    shard = PSShard(0, 1, [TableConfig("t", dim=16, optimizer=OptimizerConfig("adagrad"),
+                                       initial_capacity=1 << 16)])
+    part = PSParticipant(shard, group.source(0), 0, group=group.sources(), job="test")
+
+    def touch(keys: np.ndarray) -> None:
+        shard.pull("t", keys, train=True)
+        shard.push("t", keys, np.ones((keys.shape[0], 16), np.float32), now=1)
+
+    try:
+        touch(np.arange(200))
+        for sid in range(1, 4):  # a full part, then two small increments
+            touch(np.arange(sid * 10))
+            part.capture(sid, sid, sid - 1 if sid > 1 else None)
+            part.wait_shipped()
+        lease = part._lease
+        now = time.monotonic()
+        part._captured_at = [now - 3.0, now - 2.0, now - 1.0]  # next capture due in 0.25 s
+        assert 0 < part._watch_lease() <= 0.25
+        assert part._lease is lease                            # not looked at yet
+        touch(np.arange(40_000))                               # a long pause's increment
+        est = part.capturer.estimate_inc_bytes(3)
+        assert est is not None and est > int(lease["capacity"])
+        part._captured_at = [now - 40.0, now - 30.0, now - 20.0]  # overdue
+        assert part._watch_lease() == 5.0                      # look again in half a gap
+        assert int(part._lease["capacity"]) >= 1.25 * est
+        info = part.capture(4, 4, 3)
+        assert info["kind"] == "inc" and info["leased"], info
+        assert 0.8 * est <= info["nbytes"] <= est
+        part.wait_shipped()
+        after = part._lease                                    # sized for the next one
+        assert after is not None and int(after["capacity"]) >= 1.5 * info["nbytes"]
+        part._captured_at = [now - 40.0, now - 30.0, now - 20.0]
+        part._watch_lease()                                    # nothing changed since
+        assert part._lease is after
+    finally:
+        part.close()

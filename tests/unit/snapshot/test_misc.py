@@ -89,6 +89,30 @@ def test_segments_are_recycled_and_checked(tmp_path: Any) -> None:
     again.close(remove_directory=True)
 
 
+def test_segment_pool_grows_a_smaller_free_segment(tmp_path: Any) -> None:
+    mib = 1 << 20
+    pool = SegmentPool(str(tmp_path / "seg"), keep_free_bytes=64 * mib)
+    small, other = pool.create(8 * mib), pool.create(5 * mib)
+    small.view[:4] = b"keep"
+    pool.release(other)
+    pool.release(small)
+    before = pool.stats()["created_bytes"]
+    big = pool.create(20 * mib)        # no free one fits: the largest smaller one grows
+    assert big.name == small.name and big.capacity >= 20 * mib
+    assert os.path.getsize(big.path) == big.capacity
+    assert pool.stats()["created_bytes"] - before == big.capacity - small.capacity
+    assert pool.stats()["free_segments"] == 1            # the 5 MiB one is still free
+    big.view[big.capacity - 4:] = b"tail"                # the new range is mapped
+    with attach(big.path, big.capacity, directory=pool.directory) as view:
+        assert bytes(view[:4]) == b"keep" and bytes(view[-4:]) == b"tail"
+    pool.release(big)
+    huge = pool.create(100 * mib)      # more than the pool keeps: a new segment
+    assert huge.name not in (small.name, other.name)
+    assert pool.stats()["free_segments"] == 2
+    pool.release(huge)
+    pool.close(remove_directory=True)
+
+
 def test_segment_pool_size_classes_and_eviction_order(tmp_path: Any) -> None:
     mib = 1 << 20
     pool = SegmentPool(str(tmp_path / "seg"), keep_free_bytes=3 * 40 * mib)
