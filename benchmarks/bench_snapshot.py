@@ -21,11 +21,13 @@ Reported:
   means of the windows; ``overhead_pct_median`` compares the medians),
   after ``--warmup-snapshots`` (two compaction cycles: the SMPs then recycle the segments
   freed by retention, as a long-running job's do) and ``--warmup-windows`` unmeasured
-  rounds of the window pattern (the SMPs' pools then hold segments for the larger
-  increment that follows a window without snapshots), once the SMPs are idle. A window
-  with snapshots goes on training (taking no new snapshot) until the SMPs finished the
-  work its snapshots left (``snapshot_window_tail_s``), so none of it lands in the next
-  window without.
+  rounds of the window pattern, once the SMPs are idle. A window with snapshots starts
+  in step: one snapshot is taken and its work done before the window's clock starts (the
+  increment after a window without snapshots holds that window's changes too, 3-4x a
+  steady one, which a job that snapshots every ``--interval-s`` never takes); the window
+  then snapshots every ``--interval-s``, and goes on training (taking no new snapshot)
+  until the SMPs finished the work its snapshots left (``snapshot_window_tail_s``), so
+  none of it lands in the next window without.
 * ``smp_cpu_s_per_snapshot``, ``smp_cpu_pct_of_machine``: CPU the three SMP processes
   used in the windows (per snapshot; as a share of all cores, per mode): the work the
   overhead comes from when the "hosts" share the training's cores.
@@ -249,6 +251,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             coord.wait_idle(600)
             _wait_idle(smps, 600)
 
+        def in_step() -> None:
+            """Start a window with snapshots in step: a snapshot (the increment since the
+            one before the last window, which a window without snapshots makes several
+            times a steady one), its work done before the window's clock starts; the
+            window then snapshots every --interval-s, as a job that snapshots all the
+            time does."""
+            coord.snapshot(now[0])
+            settle()
+            last_snap[0] = time.perf_counter()
+
         # the first snapshot is full (into the segment the participant pre-leased at start)
         part.wait_shipped(600)
         man = coord.snapshot(now[0])
@@ -265,10 +277,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             train(args.interval_s, None)
             coord.snapshot(now[0])
             part.wait_shipped(600)
-        # then windows in the measured pattern, unmeasured: the increment after a window
-        # without snapshots is ~3x a steady one, and the SMPs' pools hold segments of
-        # those sizes only once they have seen them (as a long-running job's would)
+        # then windows in the measured pattern, unmeasured
         for mode in ["none", "snap", "snap", "none"] * max(args.warmup_windows, 0):
+            if mode == "snap":
+                in_step()
             train(args.window_s, None if mode == "none" else args.interval_s)
         tails.clear()
         settle()  # the warm-up's compaction is not charged to either mode
@@ -287,6 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             order += ["none", "snap"] if i % 2 == 0 else ["snap", "none"]
         seals: list[Any] = []
         for mode in order:
+            if mode == "snap":
+                in_step()
             c0, w0 = _cpu_s(pids), time.perf_counter()
             if mode == "none":
                 thr["none"].append(train(args.window_s, None)[0])

@@ -226,11 +226,9 @@ class SnapshotStore:
             self._reject("lease")
             raise InvalidInputError(f"lease size must be in (0, {self.max_part_bytes}] (this "
                                     f"SMP's largest part), got {nbytes}")
-        # a lease is held only until its part is committed (a part much smaller than its
-        # lease then moves to a segment of its own size): leases come in powers of two, so
-        # the one given back serves the next request unless the size crosses one, rather
-        # than faulting in a new segment each time the parts' size moves a little
-        seg = self.pool.create(1 << (int(nbytes) - 1).bit_length())
+        # the part committed into a lease keeps it (one much smaller than its lease moves
+        # to a segment of its own size)
+        seg = self.pool.create(int(nbytes))
         stale: list[str] = []
         with self._mu:
             self._leases[seg.name] = participant
@@ -270,11 +268,10 @@ class SnapshotStore:
             del self._leases[segment]
         nbytes = int(nbytes)
         if 2 * seg.capacity > 3 * nbytes + (32 << 20):
-            # a lease has room for a part twice the largest recent one; keeping a smaller
-            # part in it would hold (and, for the next lease, fault in afresh) memory it
-            # does not use. Move the part to a segment of its size (recycled ones are warm:
-            # the copy runs at memory speed) and put the lease back in the pool for the
-            # next one.
+            # keeping a part much smaller than its lease (e.g. the first increment after
+            # a full part) would hold memory it does not use. Move the part to a segment
+            # of its size (recycled ones are warm: the copy runs at memory speed) and put
+            # the lease back in the pool for the next one.
             small = self.pool.create(nbytes)
             small.view[:nbytes] = seg.view[:nbytes]
             self.pool.release(seg)
