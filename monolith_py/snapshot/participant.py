@@ -138,6 +138,7 @@ class PSParticipant:
         self._next_lease = 0
         self._mu = threading.Lock()
         self._captured_at: list[float] = []  # monotonic times of recent captures
+        self._steady_inc = 0  # bytes of the last increment not taken after a pause
         self._shipper = _Shipper(self.name, self._ship, self._watch_lease)
         self.last: dict[str, Any] = {}
         self.stalls: list[float] = []  # lock-held seconds of recent captures
@@ -199,13 +200,11 @@ class PSParticipant:
         past the lease, and a part that does not fit is copied into fresh private memory
         while training is blocked (hundreds of ms per 100 MB on a VM). Returns the seconds
         until the next look (``None``: not before the next capture)."""
-        times = self._captured_at
+        typical = self._typical_gap()
         last = self.last.get("snapshot_id")
-        if len(times) < 3 or last is None:
+        if typical is None or last is None:
             return None
-        gaps = sorted(b - a for a, b in zip(times, times[1:]))
-        typical = max(gaps[len(gaps) // 2], 0.05)
-        due = times[-1] + 1.25 * typical - time.monotonic()
+        due = self._captured_at[-1] + 1.25 * typical - time.monotonic()
         if due > 0:
             return due
         est = self.capturer.estimate_inc_bytes(int(last))
@@ -217,6 +216,14 @@ class PSParticipant:
             self._renew_lease(int(1.5 * est))
         return max(0.5, 0.5 * typical)
 
+    def _typical_gap(self) -> float | None:
+        """The median of the recent intervals between captures (``None``: too few)."""
+        times = self._captured_at
+        if len(times) < 3:
+            return None
+        gaps = sorted(b - a for a, b in zip(times, times[1:]))
+        return max(gaps[len(gaps) // 2], 0.05)
+
     # -- capture -----------------------------------------------------------------------------------
 
     def capture(self, snapshot_id: int, step: int, base_id: int | None) -> dict[str, Any]:
@@ -226,7 +233,9 @@ class PSParticipant:
             fault_point("ps.capture")
             part = self.capturer.capture(snapshot_id, step, base_id, alloc=self._take_lease,
                                          extra_meta={"participant": self.name})
-            self._captured_at = (self._captured_at + [time.monotonic()])[-6:]
+            now, typical = time.monotonic(), self._typical_gap()
+            overdue = typical is not None and now - self._captured_at[-1] > 1.25 * typical
+            self._captured_at = (self._captured_at + [now])[-6:]
             self._stall.observe(part.stall_s)
             self.stalls = (self.stalls + [part.stall_s])[-1000:]
             lease = mapping = None
@@ -237,14 +246,14 @@ class PSParticipant:
             self.last = {"snapshot_id": snapshot_id, "kind": part.kind, "rows": part.rows,
                          "nbytes": part.nbytes, "stall_s": part.stall_s, "home": self.host_id,
                          "base_id": part.base_id, "leased": lease is not None}
-            self._shipper.put((part, lease, mapping))
+            self._shipper.put((part, lease, mapping, overdue))
             return dict(self.last)
 
     def _ship(self, item: Any) -> None:
         if item == "lease":
             self._renew_lease(int(1.1 * self.full_size_estimate()))
             return
-        part, lease, mapping = item
+        part, lease, mapping, overdue = item
         part.finish()
         nbytes, kind = part.nbytes, part.kind
         fault_point("ps.commit")
@@ -260,10 +269,12 @@ class PSParticipant:
             self.smp.put_part(self.name, part.frame())
         else:
             self._commit_copy(part)
-        # room for the next increment if it grows by half (a longer pause than usual
-        # is caught by _watch_lease); not more, or a lease after one large increment
-        # would take the segment a compaction needs next
-        self._renew_lease(int(1.5 * nbytes) if kind == "inc" else int(0.5 * nbytes))
+        # room for the next increment if it grows by half over the last one taken on
+        # time (a longer pause is caught by _watch_lease); not more, or the leases after
+        # one large increment would take the segment a compaction needs next
+        if kind == "inc" and (not overdue or not self._steady_inc):
+            self._steady_inc = nbytes
+        self._renew_lease(int(1.5 * self._steady_inc) if kind == "inc" else int(0.5 * nbytes))
 
     def _commit_copy(self, part: CapturedPart) -> None:
         lease = self.smp.lease(self.name, part.nbytes)
@@ -294,7 +305,7 @@ class PSParticipant:
         finally:
             rec.close()
         self.capturer.forget()
-        self._captured_at = []
+        self._captured_at, self._steady_inc = [], 0
         self._shipper.put("lease")  # the next part is full: lease for its size
         return restored
 

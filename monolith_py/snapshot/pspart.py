@@ -165,7 +165,7 @@ class ShardCapturer:
         with self.shard.lock:
             metas = [(t, _gather.meta_of(t), base.get(name, -1))
                      for name, t in self.shard.tables.items()]
-        total = 1 << 20
+        total = 64 << 10  # the frame's header and alignment
         for table, meta, since in metas:
             if meta is None:
                 return None

@@ -53,6 +53,9 @@ def default_shm_root() -> str:
 
 _CLASS_BITS = 4  # size classes per doubling above _CLASS_MIN: 16 (at most 6.25 % slack)
 _CLASS_MIN = 1 << 22
+# A free segment serves a request of up to 1.25x less (4 size classes): a looser fit lets
+# small parts take the segments large ones need next (a compaction's full part), and a
+# request that finds none grows a smaller free segment instead.
 
 
 def _round(n: int) -> int:
@@ -121,7 +124,7 @@ class SegmentPool:
     # -- allocation ---------------------------------------------------------------------------
 
     def create(self, nbytes: int) -> Segment:
-        """A segment of at least ``nbytes``: the smallest free one up to twice that size;
+        """A segment of at least ``nbytes``: the smallest free one up to 1.25× that size;
         else the largest free one below it, grown to the size (unless the pool could not
         keep the result); else a new one."""
         if nbytes < 0:
@@ -130,7 +133,7 @@ class SegmentPool:
         with self._lock:
             best = grow = None
             for seg in self._free:
-                if want <= seg.capacity <= 2 * want:
+                if want <= seg.capacity <= want + (want >> 2):
                     if best is None or seg.capacity < best.capacity:
                         best = seg
                 elif (seg.capacity < want <= self.keep_free_bytes
@@ -155,9 +158,11 @@ class SegmentPool:
         with self._lock:
             self._live[seg.name] = seg
             self.created_bytes += new
+            free = [s.capacity for s in self._free]
         log.log(logging.INFO if new >= 64 << 20 else logging.DEBUG,
-                "%.1f MiB of new shared memory for a segment of %.1f MiB", new / 2**20,
-                want / 2**20)
+                "%.1f MiB of new shared memory for a segment of %.1f MiB (free: %d segments, "
+                "%.1f MiB, the largest %.1f MiB)", new / 2**20, want / 2**20, len(free),
+                sum(free) / 2**20, max(free, default=0) / 2**20)
         return seg
 
     def _reserve(self, fd: int, offset: int, size: int) -> None:

@@ -744,6 +744,10 @@ class SnapshotStore:
         if drop:
             log.debug("SMP %d: retention (newest %d, retained %s) freed %d blobs",
                       self.config.host_id, newest, sorted(mans), len(drop))
+        # largest last: when the pool is over budget it removes the segments freed
+        # longest ago, and the largest (the full part a compaction replaced) is the one
+        # the next compaction wants back
+        drop.sort(key=lambda b: b.seg.capacity)
         for blob in drop:
             self.pool.release(blob.seg)
         self._m_bytes.set(self.stats()["stored_bytes"])
