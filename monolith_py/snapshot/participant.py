@@ -95,8 +95,8 @@ class _Shipper:
                 try:
                     wait = self._on_idle()
                 except Exception as exc:  # a failed lease renewal: the next part copies
-                    log.warning("%s: %s", type(exc).__name__, exc)
-                    wait = 5.0
+                    log.warning("renewing the lease failed: %s: %s", type(exc).__name__, exc)
+                    wait = 30.0
 
     def wait(self, timeout_s: float) -> bool:
         return self._idle.wait(timeout_s)
