@@ -49,6 +49,14 @@ PARTICIPANT_SERVICE = "monolith.snapshot.v1.Participant"
 _MIN_LEASE = 1 << 20
 
 
+def _typical_gap(times: list[float]) -> float | None:
+    """The median of the intervals between ``times`` (``None``: too few)."""
+    if len(times) < 3:
+        return None
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    return max(gaps[len(gaps) // 2], 0.05)
+
+
 class _Shipper:
     """Background thread that finishes and commits captured parts, one at a time."""
 
@@ -135,7 +143,6 @@ class PSParticipant:
         self._lease: dict[str, Any] | None = None
         self._mapping: Any = None
         self._lease_lock = threading.Lock()
-        self._next_lease = 0
         self._mu = threading.Lock()
         self._captured_at: list[float] = []  # monotonic times of recent captures
         self._steady_inc = 0  # bytes of the last increment not taken after a pause
@@ -200,11 +207,11 @@ class PSParticipant:
         past the lease, and a part that does not fit is copied into fresh private memory
         while training is blocked (hundreds of ms per 100 MB on a VM). Returns the seconds
         until the next look (``None``: not before the next capture)."""
-        typical = self._typical_gap()
-        last = self.last.get("snapshot_id")
+        times, last = self._captured_at, self.last.get("snapshot_id")
+        typical = _typical_gap(times)
         if typical is None or last is None:
             return None
-        due = self._captured_at[-1] + 1.25 * typical - time.monotonic()
+        due = times[-1] + 1.25 * typical - time.monotonic()
         if due > 0:
             return due
         est = self.capturer.estimate_inc_bytes(int(last))
@@ -216,14 +223,6 @@ class PSParticipant:
             self._renew_lease(int(1.5 * est))
         return max(0.5, 0.5 * typical)
 
-    def _typical_gap(self) -> float | None:
-        """The median of the recent intervals between captures (``None``: too few)."""
-        times = self._captured_at
-        if len(times) < 3:
-            return None
-        gaps = sorted(b - a for a, b in zip(times, times[1:]))
-        return max(gaps[len(gaps) // 2], 0.05)
-
     # -- capture -----------------------------------------------------------------------------------
 
     def capture(self, snapshot_id: int, step: int, base_id: int | None) -> dict[str, Any]:
@@ -233,9 +232,10 @@ class PSParticipant:
             fault_point("ps.capture")
             part = self.capturer.capture(snapshot_id, step, base_id, alloc=self._take_lease,
                                          extra_meta={"participant": self.name})
-            now, typical = time.monotonic(), self._typical_gap()
-            overdue = typical is not None and now - self._captured_at[-1] > 1.25 * typical
-            self._captured_at = (self._captured_at + [now])[-6:]
+            now, times = time.monotonic(), self._captured_at
+            typical = _typical_gap(times)
+            overdue = typical is not None and now - times[-1] > 1.25 * typical
+            self._captured_at = (times + [now])[-6:]
             self._stall.observe(part.stall_s)
             self.stalls = (self.stalls + [part.stall_s])[-1000:]
             lease = mapping = None
