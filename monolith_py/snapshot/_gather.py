@@ -48,9 +48,11 @@ def table_state_format() -> str:
 
 def arena_of(table: Any) -> ArenaView | None:
     """The internals of ``table`` or ``None`` if its layout is not the one expected."""
+    meta = meta_of(table)
+    if meta is None:
+        return None
     try:
         a = table._arena
-        meta = a.meta[: int(a.high_water)]
         weights, slots = a.weights, dict(a.slots)
         dk, dv = table._log.arrays()
         flt = table._filter
@@ -63,8 +65,7 @@ def arena_of(table: Any) -> ArenaView | None:
                          counters=counters)
     except (AttributeError, KeyError, TypeError):
         return None
-    ok = (meta.dtype == np.int64 and meta.ndim == 2 and meta.shape[1] == 4
-          and weights.dtype == np.float32 and weights.ndim == 2
+    ok = (weights.dtype == np.float32 and weights.ndim == 2
           and weights.shape[1] == table.dim and weights.shape[0] >= meta.shape[0]
           and all(s.dtype == np.float32 and s.ndim == 2 and s.shape[0] >= meta.shape[0]
                   for s in slots.values()))

@@ -47,6 +47,8 @@ log = logging.getLogger("monolith.snapshot.participant")
 
 PARTICIPANT_SERVICE = "monolith.snapshot.v1.Participant"
 _MIN_LEASE = 1 << 20
+_OVERDUE = 1.25  # a capture is overdue after this many typical intervals; also the
+                 # margin a lease keeps over the increment it is meant for
 
 
 def _typical_gap(times: list[float]) -> float | None:
@@ -86,25 +88,29 @@ class _Shipper:
             try:
                 item = self._q.get(timeout=wait)
             except queue.Empty:
-                item = ()
+                wait = self._tick()
+                continue
             if item is None:
                 return
             try:
-                if item != ():
-                    self._fn(item)
+                self._fn(item)
             except Exception as exc:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 log.warning("shipping a part failed: %s: %s", type(exc).__name__, exc)
             finally:
                 if self._q.empty():
                     self._idle.set()
-            wait = None
-            if self._on_idle is not None and self._q.empty():
-                try:
-                    wait = self._on_idle()
-                except Exception as exc:  # a failed lease renewal: the next part copies
-                    log.warning("renewing the lease failed: %s: %s", type(exc).__name__, exc)
-                    wait = 30.0
+            wait = self._tick()
+
+    def _tick(self) -> float | None:
+        """``on_idle`` once the queue is empty: seconds until the next call, or ``None``."""
+        if self._on_idle is None or not self._q.empty():
+            return None
+        try:
+            return self._on_idle()
+        except Exception as exc:  # a failed lease renewal: the next part is copied
+            log.warning("renewing the lease failed: %s: %s", type(exc).__name__, exc)
+            return 30.0
 
     def wait(self, timeout_s: float) -> bool:
         return self._idle.wait(timeout_s)
@@ -211,13 +217,13 @@ class PSParticipant:
         typical = _typical_gap(times)
         if typical is None or last is None:
             return None
-        due = times[-1] + 1.25 * typical - time.monotonic()
+        due = times[-1] + _OVERDUE * typical - time.monotonic()
         if due > 0:
             return due
         est = self.capturer.estimate_inc_bytes(int(last))
         with self._lease_lock:
             cap = int(self._lease["capacity"]) if self._lease is not None else 0
-        if est is not None and 1.25 * est > cap:
+        if est is not None and _OVERDUE * est > cap:
             log.info("%s: the next increment grew to about %.0f MB (lease %.0f MB): "
                      "leasing a larger segment", self.name, est / 1e6, cap / 1e6)
             self._renew_lease(int(1.5 * est))
@@ -234,7 +240,7 @@ class PSParticipant:
                                          extra_meta={"participant": self.name})
             now, times = time.monotonic(), self._captured_at
             typical = _typical_gap(times)
-            overdue = typical is not None and now - times[-1] > 1.25 * typical
+            overdue = typical is not None and now - times[-1] > _OVERDUE * typical
             self._captured_at = (times + [now])[-6:]
             self._stall.observe(part.stall_s)
             self.stalls = (self.stalls + [part.stall_s])[-1000:]

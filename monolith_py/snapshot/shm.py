@@ -53,9 +53,6 @@ def default_shm_root() -> str:
 
 _CLASS_BITS = 4  # size classes per doubling above _CLASS_MIN: 16 (at most 6.25 % slack)
 _CLASS_MIN = 1 << 22
-# A free segment serves a request of up to 1.25x less (4 size classes): a looser fit lets
-# small parts take the segments large ones need next (a compaction's full part), and a
-# request that finds none grows a smaller free segment instead.
 
 
 def _round(n: int) -> int:
@@ -119,7 +116,7 @@ class SegmentPool:
         self._live: dict[str, Segment] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self.created_bytes = 0  # capacity of the segments created so far (new memory)
+        self.created_bytes = 0  # new memory so far: segments created, and growth
 
     # -- allocation ---------------------------------------------------------------------------
 
@@ -133,6 +130,8 @@ class SegmentPool:
         with self._lock:
             best = grow = None
             for seg in self._free:
+                # at most 1.25x the request (4 size classes): a looser fit lets small
+                # parts take the segments large ones need next (a compaction's full part)
                 if want <= seg.capacity <= want + (want >> 2):
                     if best is None or seg.capacity < best.capacity:
                         best = seg
@@ -148,8 +147,8 @@ class SegmentPool:
         if grow is not None:
             try:
                 seg = self._grow(grow, want)
-            except ConfigError:
-                self._remove(grow)
+            except (ConfigError, OSError):
+                self._remove(grow)  # not reserved, or no longer mapped: gone either way
                 raise
             new = want - grow.capacity
         else:

@@ -65,7 +65,6 @@ log = logging.getLogger("monolith.snapshot.store")
 _MAX_LEASES = 3  # per participant: one in flight, one current, one spare
 
 
-
 def _half_the_filesystem(directory: str) -> int:
     st = os.statvfs(directory)
     return max(st.f_blocks * st.f_frsize // 2, 1 << 20)
