@@ -143,11 +143,13 @@ class SnapshotCoordinator:
         self._records_age = 0
         self._last_step: int | None = None
         if start_id is None:
+            # ids are never taken again: a run killed before its seal may have left parts
+            # of the next ids on the SMPs, and a part of this run under the same key would
+            # be confused with them (the old record sealed over the new data)
             cat = Recovery(self.smps, job=job).catalog()
-            newest = max(cat.manifests) if cat.manifests else -1
             if cat.manifests:
-                self.last_sealed = cat.manifests[newest]
-            start_id = newest
+                self.last_sealed = cat.manifests[max(cat.manifests)]
+            start_id = cat.newest_id
         self._last_id = int(start_id)
         self._m_stall = histogram("monolith_snapshot_cut_seconds",
                                   "Time training is paused for a snapshot cut.", ["job"]).labels(job)
@@ -210,8 +212,10 @@ class SnapshotCoordinator:
         want: dict[str, tuple[int, str]] = {
             name: (int(info["home"]), str(info["kind"])) for name, info in cut.captured.items()}
         want.update({p: (h, "full") for p, h in self.self_captured.items()})
+        # the capture's token, where the participant gave one, picks its own part
+        tokens = {name: info.get("capture") for name, info in cut.captured.items()}
         futs = {p: self._pool.submit(self._smp(h).wait_part, p, cut.snapshot_id, kind,
-                                     self.timeout_s)
+                                     self.timeout_s, tokens.get(p))
                 for p, (h, kind) in want.items()}
         parts: dict[str, PartRecord] = {}
         errors: dict[object, BaseException] = {}

@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -236,8 +237,9 @@ class PSParticipant:
         is committed to the SMP in the background)."""
         with self._mu:
             fault_point("ps.capture")
+            token = secrets.token_hex(8)  # tells this capture's part from an earlier run's
             part = self.capturer.capture(snapshot_id, step, base_id, alloc=self._take_lease,
-                                         extra_meta={"participant": self.name})
+                                         extra_meta={"participant": self.name, "capture": token})
             now, times = time.monotonic(), self._captured_at
             typical = _typical_gap(times)
             overdue = typical is not None and now - times[-1] > _OVERDUE * typical
@@ -251,7 +253,7 @@ class PSParticipant:
                     self._lease, self._mapping = None, None
             self.last = {"snapshot_id": snapshot_id, "kind": part.kind, "rows": part.rows,
                          "nbytes": part.nbytes, "stall_s": part.stall_s, "home": self.host_id,
-                         "base_id": part.base_id, "leased": lease is not None}
+                         "base_id": part.base_id, "leased": lease is not None, "capture": token}
             self._shipper.put((part, lease, mapping, overdue))
             return dict(self.last)
 
@@ -500,11 +502,12 @@ class TrainerParticipant:
         """Encode the state now (a copy: the cut) and ship it in the background."""
         t0 = time.perf_counter()
         fault_point("trainer.capture")
-        frame = encode_trainer_part(self.state_fn(), self.name, snapshot_id, step)
+        token = secrets.token_hex(8)
+        frame = encode_trainer_part(self.state_fn(), self.name, snapshot_id, step, capture=token)
         stall = time.perf_counter() - t0
         self._shipper.put(frame)
         self.last = {"snapshot_id": snapshot_id, "kind": "full", "nbytes": len(frame),
-                     "stall_s": stall, "home": self.host_id, "base_id": -1}
+                     "stall_s": stall, "home": self.host_id, "base_id": -1, "capture": token}
         return dict(self.last)
 
     def _ship(self, frame: bytes) -> None:

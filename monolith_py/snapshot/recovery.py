@@ -73,11 +73,13 @@ class PartSource(Protocol):
 
 @dataclass
 class Catalog:
-    """The union of the sealed manifests and compaction records of reachable SMPs."""
+    """The union of the sealed manifests and compaction records of reachable SMPs;
+    ``newest_id``: the highest snapshot id any of them holds data of, sealed or not."""
 
     manifests: dict[int, Manifest] = field(default_factory=dict)
     records: dict[PartKey, PartRecord] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    newest_id: int = -1
 
     def newest_first(self) -> list[Manifest]:
         return [self.manifests[s] for s in sorted(self.manifests, reverse=True)]
@@ -198,6 +200,10 @@ class Recovery:
             for rec in got.get("records", []):
                 if isinstance(rec, PartRecord):
                     cat.records.setdefault(rec.key, rec)
+            newest = got.get("newest_id", -1)
+            if isinstance(newest, int) and not isinstance(newest, bool):
+                cat.newest_id = max(cat.newest_id, newest)
+        cat.newest_id = max([cat.newest_id, *cat.manifests])
         for p in cat.problems:
             self._note(p)
         return cat

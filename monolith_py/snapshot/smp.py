@@ -11,7 +11,8 @@ Lease         participant, nbytes                         segment, path, capacit
 Release       participant, segment                        released
 Commit        participant, segment, nbytes                key
 PutPart       participant (data)                          key
-WaitPart      participant, snapshot_id, kind, timeout_s   record
+WaitPart      participant, snapshot_id, kind, timeout_s,  record
+              capture (the capture's token, or null)
 PutBlock      a block chunk frame (see ``store``)         (empty)
 GetBlock      participant, snapshot_id, kind, index,      found (data)
               offset, length
@@ -19,7 +20,7 @@ PartLocation  participant, snapshot_id, kind              location or null
 ReadPart      ... , offset, length                        found (data)
 Seal          (manifest)                                  snapshot_id
 PutRecord     record                                      (empty)
-Catalog       (empty)                                     records (m0, m1, ...)
+Catalog       (empty)                                     records, newest_id (m0, m1, ...)
 Stats         (empty)                                     stats
 StreamBlock   participant, snapshot_id, kind, index,      a stream: meta {found, size},
               chunk                                       then raw chunks of the block
@@ -268,7 +269,10 @@ class SMPServer:
         t = m.get("timeout_s", 60.0)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 3600:
             raise InvalidInputError("timeout_s must be in [0, 3600]")
-        return _frame({"record": self.store.wait_part(p, sid, kind, float(t)).to_json()})
+        token = m.get("capture")
+        if token is not None and not (isinstance(token, str) and 0 < len(token) <= 64):
+            raise InvalidInputError("capture must be a short string or null")
+        return _frame({"record": self.store.wait_part(p, sid, kind, float(t), token).to_json()})
 
     def _put_block(self, a: dict[str, Any], m: Any) -> bytes:
         self.store.put_block(a["frame"])
@@ -339,7 +343,8 @@ class SMPServer:
     def _catalog(self, a: Any, m: Any) -> bytes:
         cat = self.store.catalog()
         arrays = {f"m{i}": raw for i, raw in enumerate(cat["manifests"])}
-        return _frame({"records": [r.to_json() for r in cat["records"]]}, **arrays)
+        return _frame({"records": [r.to_json() for r in cat["records"]],
+                       "newest_id": cat["newest_id"]}, **arrays)
 
     def _stats(self, a: Any, m: Any) -> bytes:
         with self._cpu_mu:
@@ -567,9 +572,10 @@ class SMPClient:
     # -- coordinator side ------------------------------------------------------------------------
 
     def wait_part(self, participant: str, snapshot_id: int, kind: str,
-                  timeout_s: float) -> PartRecord:
+                  timeout_s: float, capture: str | None = None) -> PartRecord:
         m = self._call("WaitPart", _frame({"participant": participant, "snapshot_id": snapshot_id,
-                                           "kind": kind, "timeout_s": float(timeout_s)}),
+                                           "kind": kind, "timeout_s": float(timeout_s),
+                                           "capture": capture}),
                        timeout_s=timeout_s + 10.0)[1]
         return PartRecord.from_json(m.get("record"))
 
@@ -649,7 +655,10 @@ class SMPClient:
                 recs.append(PartRecord.from_json(r))
             except DecodeError as exc:
                 log.warning("SMP %s: bad record skipped: %s", self.address, exc)
-        return {"manifests": mans, "records": recs}
+        newest = m.get("newest_id", -1)
+        if isinstance(newest, bool) or not isinstance(newest, int):
+            newest = -1  # an SMP that does not say (or says nonsense): no constraint
+        return {"manifests": mans, "records": recs, "newest_id": newest}
 
     def stats(self) -> dict[str, Any]:
         return dict(self._call("Stats", _frame())[1]["stats"])

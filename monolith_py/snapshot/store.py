@@ -163,6 +163,7 @@ class _Blob:
 @dataclass
 class _Job:
     done: threading.Event
+    capture: str | None = None  # the capture's token (its part's meta), if it had one
     record: PartRecord | None = None
     error: str | None = None
 
@@ -196,6 +197,7 @@ class SnapshotStore:
         self._manifests: dict[int, tuple[Manifest, bytes]] = {}
         self._records: dict[PartKey, PartRecord] = {}
         self._pins: dict[Any, int] = {}
+        self._newest_id = -1  # the highest snapshot id seen here (see catalog)
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._send = ThreadPoolExecutor(max_workers=max(1, config.m - 1),
                                         thread_name_prefix="smp-send",
@@ -308,6 +310,9 @@ class SnapshotStore:
                                   f"{participant!r}")
             if (kind == "full") != (base == -1) or sid < 0 or base >= sid:
                 raise DecodeError(f"part ids inconsistent: {kind} {sid} on base {base}")
+            token = meta.get("capture")
+            if token is not None and not (isinstance(token, str) and 0 < len(token) <= 64):
+                raise DecodeError(f"capture token must be a short string, got {token!r}")
         except (DecodeError, KeyError, TypeError, ValueError) as exc:
             self._reject("part")
             raise DecodeError(f"rejected part from {participant!r}: {exc}") from exc
@@ -316,22 +321,28 @@ class SnapshotStore:
         with self._mu:
             old = self._parts.pop(key, None)
             self._parts[key] = blob
-            job = _Job(threading.Event())
+            job = _Job(threading.Event(), token)
             self._jobs[key] = job
-        if old is not None:
-            self.pool.release(old.seg)
+            self._newest_id = max(self._newest_id, sid)
+        if old is not None:  # after the replaced part's own coding (queued before) is done
+            self._queue.put(functools.partial(self.pool.release, old.seg))
         self._m_parts.inc()
         self._queue.put(lambda: self._encode_job(key, job, base))
         return key
 
     def wait_part(self, participant: str, snapshot_id: int, kind: str,
-                  timeout_s: float) -> PartRecord:
-        """The record of a committed part once all its blocks are placed."""
+                  timeout_s: float, capture: str | None = None) -> PartRecord:
+        """The record of a committed part once all its blocks are placed. With ``capture``
+        (the token the capture returned), only the part of that capture counts: a part
+        under the same key from an earlier run (a snapshot id taken again after a crash)
+        is not its record."""
         key: PartKey = (participant, int(snapshot_id), kind)
         deadline = time.monotonic() + timeout_s
         while True:
             with self._mu:
                 job = self._jobs.get(key)
+            if job is not None and capture is not None and job.capture != capture:
+                job = None  # not (yet) the part of this capture
             if job is not None:
                 if job.done.wait(max(0.0, deadline - time.monotonic())):
                     if job.record is None:
@@ -496,6 +507,7 @@ class SnapshotStore:
         with self._mu:
             old = self._blocks.pop(key, None)
             self._blocks[key] = blob
+            self._newest_id = max(self._newest_id, key[1])
         if old is not None:
             self.pool.release(old.seg)
 
@@ -524,6 +536,12 @@ class SnapshotStore:
             raise
         off, bb = int(meta["offset"]), int(meta["block_bytes"])
         self._check_block(key, bb, int(meta["part_size"]))
+        n = data.shape[0]
+        if off + n > bb:
+            self._reject("block")
+            raise InvalidInputError(f"chunk of {key} at offset {off} runs past its {bb} bytes")
+        # the chunk is copied under the lock: retention (or a restarted stream of the same
+        # block) may give the segment back, and must not while a chunk is written into it
         with self._mu:
             entry = self._incoming.get(key)
             if off == 0:
@@ -533,14 +551,15 @@ class SnapshotStore:
             elif entry is None or entry[1] != off or entry[0].size != bb:
                 self._reject("block")
                 raise InvalidInputError(f"chunk of {key} at offset {off} out of order")
-            blob, _ = entry
-            self._incoming[key] = (blob, off + data.shape[0])
-        blob.seg.view[off: off + data.shape[0]] = data.data
+            blob, got = entry[0], off + n
+            blob.seg.view[off: got] = data.data
+            if meta.get("final"):
+                self._incoming.pop(key, None)
+            else:
+                self._incoming[key] = (blob, got)
         if not meta.get("final"):
             return
         fault_point("smp.block")
-        with self._mu:
-            blob, got = self._incoming.pop(key)
         if got != bb or crc32c.crc32c(blob.view) != int(meta["block_crc"]):
             self.pool.release(blob.seg)
             self._reject("block")
@@ -682,6 +701,7 @@ class SnapshotStore:
         fault_point("smp.seal")
         with self._mu:
             self._manifests[man.snapshot_id] = (man, bytes(manifest_bytes))
+            self._newest_id = max(self._newest_id, man.snapshot_id)
         self._collect()
         if self._repair_sources is not None:  # parts placed before a restart of this SMP
             self._queue.put(functools.partial(repair_manifest, self, man, self._repair_sources))
@@ -694,13 +714,16 @@ class SnapshotStore:
             raise InvalidInputError("compaction records describe full parts")
         with self._mu:
             self._records[record.key] = record
+            self._newest_id = max(self._newest_id, record.snapshot_id)
         self._collect()
 
     def catalog(self) -> dict[str, Any]:
-        """``{"manifests": [bytes], "records": [PartRecord]}`` held here."""
+        """``{"manifests": [bytes], "records": [PartRecord], "newest_id": int}`` held
+        here; ``newest_id`` is the highest snapshot id this SMP was given a part, block or
+        manifest of, sealed or not (-1: none). A restarted coordinator starts above it."""
         with self._mu:
             return {"manifests": [raw for _, (_, raw) in sorted(self._manifests.items())],
-                    "records": list(self._records.values())}
+                    "records": list(self._records.values()), "newest_id": self._newest_id}
 
     def manifests(self) -> list[Manifest]:
         with self._mu:

@@ -29,12 +29,15 @@ TRAINER_PART_FORMAT = "monolith.trainer_part/1"
 
 
 def encode_trainer_part(state: Mapping[str, Any], participant: str, snapshot_id: int,
-                        step: int) -> bytes:
-    """The part frame of a trainer state (tensors copied: a consistent cut)."""
+                        step: int, capture: str | None = None) -> bytes:
+    """The part frame of a trainer state (tensors copied: a consistent cut); ``capture``:
+    the capture's token (see :meth:`SnapshotStore.wait_part`)."""
     check_participant(participant)
-    return encode_state(dict(state), {"format": TRAINER_PART_FORMAT, "participant": participant,
-                                      "snapshot_id": int(snapshot_id), "kind": "full",
-                                      "base_id": -1, "step": int(step)})
+    meta = {"format": TRAINER_PART_FORMAT, "participant": participant,
+            "snapshot_id": int(snapshot_id), "kind": "full", "base_id": -1, "step": int(step)}
+    if capture is not None:
+        meta["capture"] = capture
+    return encode_state(dict(state), meta)
 
 
 def decode_trainer_part(buf: Any) -> tuple[dict[str, Any], dict[str, Any]]:

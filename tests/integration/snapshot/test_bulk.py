@@ -12,23 +12,28 @@ import pytest
 
 import crc32c
 
-from monolith_py.errors import CorruptDataError, InvalidInputError, UnavailableError
+from monolith_py.errors import (
+    CorruptDataError,
+    DeadlineExceededError,
+    InvalidInputError,
+    UnavailableError,
+)
 from monolith_py.observe.metrics import REGISTRY
 from monolith_py.ps import PSShard
 from monolith_py.snapshot.blocks import block_frame
 from monolith_py.snapshot.bulk import MAX_REQUEST, BulkServer, BulkWriter, bulk_read
 from monolith_py.snapshot.pspart import ShardCapturer
-from monolith_py.snapshot.smp import SMPClient, SMPServer
+from monolith_py.snapshot.smp import SMPClient, SMPServer, _frame
 from monolith_py.snapshot.store import SMPConfig, SnapshotStore
 from monolith_py.table import TableConfig
 from monolith_py.wire import encode_arrays
 
 
-def _part() -> bytes:
+def _part(rows: int = 20_000, capture: str | None = None) -> bytes:
     shard = PSShard(0, 1, [TableConfig("t", dim=8)])
-    shard.pull("t", np.arange(20_000), train=True)
-    return bytes(ShardCapturer(shard).capture(1, 1, None, extra_meta={"participant": "ps/0"})
-                 .frame())
+    shard.pull("t", np.arange(rows), train=True)
+    meta = {"participant": "ps/0", **({"capture": capture} if capture else {})}
+    return bytes(ShardCapturer(shard).capture(1, 1, None, extra_meta=meta).frame())
 
 
 @pytest.fixture()
@@ -95,6 +100,29 @@ def test_parts_and_blocks_are_read_through_the_data_port(smp: SMPServer) -> None
         part = memoryview(bytearray(1000))
         assert client.read_block_into((*key, 0), 123, part) and bytes(part) == data[123:1123]
         assert not client.read_block_into((*key, 3), 0, part)
+    finally:
+        client.close()
+
+
+def test_catalog_and_wait_part_over_grpc_tell_two_runs_parts_apart(smp: SMPServer) -> None:
+    """``Catalog`` reports the newest id held (sealed or not); ``WaitPart`` with a capture
+    token answers only with that capture's part, even when another run's part has the
+    same key."""
+    client = SMPClient(smp.address)
+    try:
+        assert client.catalog()["newest_id"] == -1
+        client.put_part("ps/0", _part(capture="run-a"))
+        old = client.wait_part("ps/0", 1, "full", 30.0, capture="run-a")
+        assert client.catalog()["newest_id"] == 1
+        with pytest.raises(DeadlineExceededError):
+            client.wait_part("ps/0", 1, "full", 0.3, capture="run-b")
+        with pytest.raises(InvalidInputError):
+            client._call("WaitPart", _frame({"participant": "ps/0", "snapshot_id": 1,
+                                             "kind": "full", "capture": 7}))
+        data = _part(rows=30_000, capture="run-b")
+        client.put_part("ps/0", data)
+        rec = client.wait_part("ps/0", 1, "full", 30.0, capture="run-b")
+        assert rec.size == len(data) != old.size and _read(client, ("ps/0", 1, "full")) == data
     finally:
         client.close()
 

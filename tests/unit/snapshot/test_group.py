@@ -445,3 +445,54 @@ def test_lease_grows_when_a_pause_makes_the_next_increment_larger(group: LocalGr
         assert part._lease is after
     finally:
         part.close()
+
+
+def test_a_restarted_job_takes_no_snapshot_id_an_unsealed_run_left(group: LocalGroup) -> None:
+    """A run killed between its cut and its seal leaves parts of the next ids on the SMPs.
+    The restarted job's coordinator starts above them, so none of its parts shares a key
+    with them, and what it seals restores to its own state."""
+    first = Job(group)
+    first.train()
+    first.snapshot()
+    first.train()
+    cut = first.coord.cut(first.counter)  # placed, never sealed: the run "dies" here
+    for p in [*first.parts, first.trainer]:
+        p.wait_shipped()
+    group.drain()
+    first.close()
+    assert max(group.store(h).catalog()["newest_id"] for h in range(3)) == cut.snapshot_id
+    second = Job(group, seed=1)
+    try:
+        assert second.coord.next_id == cut.snapshot_id + 1
+        second.train(5)
+        sid = second.snapshot()
+        assert sid > cut.snapshot_id
+        for who, host in (("ps/0", 0), ("ps/1", 1), ("trainer/0", 2)):
+            r = _restore(group, who, host)
+            assert r.snapshot_id == sid
+            assert_states_equal(r.state, second.expected[sid][who])
+    finally:
+        second.close()
+
+
+def test_wait_part_returns_the_record_of_the_capture_asked_for(group: LocalGroup) -> None:
+    """Two parts under one key (a snapshot id taken again): with the capture's token,
+    wait_part never answers with the other part's record."""
+    from monolith_py.errors import DeadlineExceededError
+    from monolith_py.snapshot.trainerpart import encode_trainer_part
+
+    store = group.store(2)
+    old = encode_trainer_part({"x": torch.zeros(64)}, "trainer/0", 7, 70, capture="run-a")
+    new = encode_trainer_part({"x": torch.ones(64)}, "trainer/0", 7, 70, capture="run-b")
+    store.put_part("trainer/0", old)
+    first = store.wait_part("trainer/0", 7, "full", 30.0)
+    assert store.wait_part("trainer/0", 7, "full", 30.0, capture="run-a") == first
+    with pytest.raises(DeadlineExceededError):  # run-b's part has not arrived
+        store.wait_part("trainer/0", 7, "full", 0.3, capture="run-b")
+    store.put_part("trainer/0", new)
+    rec = store.wait_part("trainer/0", 7, "full", 30.0, capture="run-b")
+    assert rec.crc != first.crc and rec.size == len(new)
+    group.drain()  # the replaced part's segment is given back after its own coding
+    with pytest.raises(DecodeError):  # a token that is not a short string is refused
+        store.put_part("trainer/0", encode_trainer_part({"x": torch.ones(4)}, "trainer/0", 8, 80,
+                                                        capture="z" * 65))
