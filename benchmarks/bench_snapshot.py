@@ -37,7 +37,9 @@ Reported:
   in those windows.
 * ``incremental_bytes_ratio``: increment part size after ``--interval-s`` of training /
   full part size (the same steady-state snapshots as ``stall_ms``).
-* ``encode_mb_per_s``: zfec encode (k=2, m=3, one thread) of the full part.
+* ``encode_mb_per_s``: parity of the full part (k=2, m=3, one thread) as the SMPs make it
+  (``codec.ParityEncoder``: zfec's code, bytes identical); anchor ``encode_zfec_mb_per_s``:
+  ``zfec.Encoder`` on the same bytes.
 * ``restore_local_s``: rebuild the newest snapshot (its full part and increments, mapped
   from the local SMP) and load it into a new shard, at the longest chain between two
   compactions (snapshots go on after the windows until the chain is ``--full-every``
@@ -163,11 +165,12 @@ class _Load:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
+    import zfec
 
     from benchmarks._common import machine_info
     from monolith_py.ps import PSShard
     from monolith_py.snapshot.checkpoint import write_checkpoint
-    from monolith_py.snapshot.codec import encode_parity
+    from monolith_py.snapshot.codec import STRIPE_BYTES, block_size, data_block, encode_parity
     from monolith_py.snapshot.coordinator import SnapshotCoordinator
     from monolith_py.snapshot.participant import PSParticipant
     from monolith_py.snapshot.recovery import Recovery
@@ -362,6 +365,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         encode_parity(memoryview(blob), args.k, args.m)
         out["encode_mb_per_s"] = full_bytes / (1 << 20) / (time.perf_counter() - t)
+        # anchor: zfec's own encoder on the same bytes, stripe by stripe
+        enc, bs = zfec.Encoder(args.k, args.m), block_size(full_bytes, args.k)
+        t = time.perf_counter()
+        for lo in range(0, bs, STRIPE_BYTES):
+            hi = min(lo + STRIPE_BYTES, bs)
+            enc.encode([data_block(blob, i, args.k)[lo:hi] for i in range(args.k)],
+                       tuple(range(args.k, args.m)))
+        out["encode_zfec_mb_per_s"] = full_bytes / (1 << 20) / (time.perf_counter() - t)
         del blob
         # restores: free the live table first (a crashed PS has no table either)
         coord.close()

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import crc32c
-import zfec
 
 from monolith_py.errors import (
     ConfigError,
@@ -48,7 +47,13 @@ from monolith_py.errors import (
     UnavailableError,
 )
 from monolith_py.observe.metrics import counter, gauge, histogram
-from monolith_py.snapshot.codec import CodecConfig, block_placement, block_size, data_block
+from monolith_py.snapshot.codec import (
+    CodecConfig,
+    ParityEncoder,
+    block_placement,
+    block_size,
+    data_block,
+)
 from monolith_py.snapshot.blocks import BlockKey, block_frame, decode_block_frame
 from monolith_py.snapshot.maintenance import compact, local_chain, repair, repair_manifest
 from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
@@ -62,6 +67,7 @@ __all__ = ["SMPConfig", "SnapshotStore", "Peers", "BlockKey", "block_frame", "de
 
 log = logging.getLogger("monolith.snapshot.store")
 
+_CODE_STRIPE = 1 << 20  # bytes of each block coded and checksummed at a time (in cache)
 _MAX_LEASES = 3  # per participant: one in flight, one current, one spare
 
 
@@ -198,6 +204,7 @@ class SnapshotStore:
         self._records: dict[PartKey, PartRecord] = {}
         self._pins: dict[Any, int] = {}
         self._newest_id = -1  # the highest snapshot id seen here (see catalog)
+        self._scratch: list[bytearray] = []  # parity buffers (see _take_scratch)
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._send = ThreadPoolExecutor(max_workers=max(1, config.m - 1),
                                         thread_name_prefix="smp-send",
@@ -465,16 +472,23 @@ class SnapshotStore:
         kept = {i: _Blob(self.pool.create(bs), bs) for i in range(k, m) if placement[i] == home}
         sent = [i for i in range(m) if placement[i] != home]
         crcs = [0] * m
+        scratch = self._take_scratch(m - k - len(kept), min(cfg.chunk_bytes, bs))
         try:
             part_crc = crc32c.crc32c(view)
-            enc = zfec.Encoder(k, m) if m > k else None
+            enc = ParityEncoder(k, m)
             for lo in range(0, bs, cfg.chunk_bytes):
                 hi = min(lo + cfg.chunk_bytes, bs)
                 chunks: list[Any] = [_data_chunk(view, i, bs, lo, hi) for i in range(k)]
-                if enc is not None:
-                    chunks += enc.encode(tuple(chunks), tuple(range(k, m)))
-                for i in range(m):
-                    crcs[i] = crc32c.crc32c(chunks[i], crcs[i])
+                # parity straight into the kept block, or into reused scratch to send
+                spare = iter(scratch)
+                chunks += [kept[i].seg.view[lo:hi] if i in kept else
+                           memoryview(next(spare))[: hi - lo] for i in range(k, m)]
+                for a in range(0, hi - lo, _CODE_STRIPE):  # coded and summed from cache
+                    b = min(a + _CODE_STRIPE, hi - lo)
+                    stripe = [memoryview(c)[a:b] for c in chunks]
+                    enc.encode_into(stripe[:k], stripe[k:])
+                    for i in range(m):
+                        crcs[i] = crc32c.crc32c(stripe[i], crcs[i])
                 final = hi == bs
                 futures = [self._send.submit(_send_chunk, writers[i], chunks[i],
                                              crcs[i] if final else None)
@@ -484,8 +498,6 @@ class SnapshotStore:
                                                          part_size=size, final=final,
                                                          block_crc=crcs[i] if final else 0))
                            for i in sent]
-                for i, blob in kept.items():
-                    blob.seg.view[lo:hi] = chunks[i]
                 wait(futures)  # all of them, before a failure of one is raised
                 for f in futures:
                     f.result()
@@ -494,6 +506,8 @@ class SnapshotStore:
             for blob in kept.values():
                 self.pool.release(blob.seg)
             raise
+        finally:
+            self._give_scratch(scratch)
         record = PartRecord(participant=key[0], snapshot_id=key[1], kind=key[2],
                             base_id=base_id, size=size, crc=part_crc, home=home, k=k, m=m,
                             block_crcs=tuple(crcs), placement=placement)
@@ -501,6 +515,18 @@ class SnapshotStore:
             self._keep_block((*key, i), blob)
         fault_point("smp.place")
         return record
+
+    def _take_scratch(self, count: int, nbytes: int) -> list[bytearray]:
+        """``count`` buffers of at least ``nbytes`` for parity being sent, reused from job
+        to job (fresh memory faults in slowly on VMs)."""
+        with self._mu:
+            fit = [b for b in self._scratch if len(b) >= nbytes][:count]
+            self._scratch = [b for b in self._scratch if all(b is not f for f in fit)]
+        return fit + [bytearray(nbytes) for _ in range(count - len(fit))]
+
+    def _give_scratch(self, bufs: list[bytearray]) -> None:
+        with self._mu:
+            self._scratch = (self._scratch + bufs)[-4:]
 
     def _keep_block(self, key: BlockKey, blob: _Blob) -> None:
         """Hold ``blob`` as block ``key`` (replacing an older copy)."""

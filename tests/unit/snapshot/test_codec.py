@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+import zfec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monolith_py.errors import ConfigError, CorruptDataError
+from monolith_py.errors import ConfigError, CorruptDataError, InvalidInputError
 from monolith_py.snapshot import codec
 from monolith_py.snapshot.codec import CodecConfig, block_size, data_block, decode_part, encode_parity
 
@@ -32,6 +33,30 @@ def test_any_k_of_m_blocks_rebuild_the_data(case: tuple[bytes, int, int, list[in
     assert all(len(bytes(b)) == block_size(len(data), k) for b in blocks.values())
     out = decode_part({i: blocks[i] for i in keep}, k, m, len(data))
     assert bytes(out) == data
+
+
+@settings(max_examples=150)
+@given(st.integers(1, 12), st.integers(0, 6), st.binary(min_size=1, max_size=2000),
+       st.integers(0, 7))
+def test_parity_is_byte_for_byte_zfecs(k: int, extra: int, seed: bytes, offset: int) -> None:
+    """``ParityEncoder`` writes exactly the parity ``zfec.Encoder`` makes, for any (k, m),
+    any length (including a tail of fewer than eight bytes) and unaligned buffers."""
+    m = k + extra
+    n = len(seed)
+    pool = bytearray(os.urandom(k * (n + 8)))
+    data = [memoryview(pool)[offset + i * (n + 1): offset + i * (n + 1) + n] for i in range(k)]
+    out = [bytearray(n + 3) for _ in range(m - k)]
+    codec.ParityEncoder(k, m).encode_into(data, [memoryview(o)[3:] for o in out])
+    want = zfec.Encoder(k, m).encode([bytes(d) for d in data], tuple(range(k, m))) if m > k else []
+    assert [bytes(o[3:]) for o in out] == [bytes(w) for w in want]
+
+
+def test_parity_encoder_rejects_mismatched_buffers() -> None:
+    enc = codec.ParityEncoder(2, 3)
+    with pytest.raises(InvalidInputError):
+        enc.encode_into([bytes(8)], [bytearray(8)])
+    with pytest.raises(InvalidInputError):
+        enc.encode_into([bytes(8), bytes(9)], [bytearray(8)])
 
 
 def test_striped_and_threaded_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
