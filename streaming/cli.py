@@ -55,6 +55,10 @@ def _stop_on_signals(stop: threading.Event, *also: Any) -> None:
 
     def handler(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping", signum)
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            # closing clients race kafka-python's network code, which then logs
+            # tracebacks of sockets it already closed: expected while stopping, not errors
+            logging.getLogger("kafka").setLevel(logging.CRITICAL)
         stop.set()
         for fn in also:
             fn()
