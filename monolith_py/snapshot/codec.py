@@ -3,8 +3,8 @@
 A part of ``size`` bytes is cut into ``k`` data blocks of ``block_size(size, k)`` bytes
 (the last one zero padded); zfec's Reed-Solomon code over GF(2^8) adds ``m - k`` parity
 blocks (computed by :class:`ParityEncoder`, byte for byte what ``zfec.Encoder`` makes, and
-decoded by ``zfec.Decoder``). Any ``k`` of the ``m`` blocks rebuild the part. The code works byte column by byte column,
-so the part is processed in stripes: each stripe is independent (zfec releases the GIL,
+decoded by ``zfec.Decoder``). Any ``k`` of the ``m`` blocks rebuild the part. The code
+works byte column by byte column, so the part is processed in stripes: each stripe is independent (zfec releases the GIL,
 so stripes run on several threads) and peak memory stays at one stripe per thread.
 
 Every block is checksummed with crc32c by the caller that stores it (the crcs are in the
@@ -211,8 +211,9 @@ class ParityEncoder:
     The coefficients are zfec's own (read from ``zfec.Encoder`` once per ``(k, m)``), so
     the parity is byte for byte zfec's and ``zfec.Decoder`` (and :func:`decode_part`)
     rebuild from it. zfec multiplies byte by byte through tables; this works on eight
-    bytes at a time and writes straight into the caller's buffers (measured 3-5x faster
-    on the 2-core VM of ``docs/benchmarks.md``, and nothing is allocated per stripe).
+    bytes at a time and writes straight into the caller's buffers (on the 2-core VM of
+    ``docs/benchmarks.md``: 1.4-2.2x zfec's speed on one thread, and nothing is allocated
+    per stripe).
 
     Example::
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,7 @@ from monolith_py.snapshot.codec import CodecConfig, block_size
 from monolith_py.wire import decode_arrays, encode_arrays
 
 __all__ = ["PartRecord", "Manifest", "CODE_VERSION", "PART_KINDS", "check_participant",
-           "PartKey"]
+           "check_capture", "new_capture", "PartKey"]
 
 CODE_VERSION = f"monolith-py/{__version__} snapshot/1"
 PART_KINDS = ("full", "inc")
@@ -61,6 +62,20 @@ def check_participant(name: Any) -> str:
         raise InvalidInputError(
             f"participant must look like 'ps/0' or 'trainer/1' (role/index), got {name!r}")
     return name
+
+
+def new_capture() -> str:
+    """A random token naming one capture: its part carries it in its meta, so the
+    coordinator tells that part from another run's under the same key."""
+    return secrets.token_hex(8)
+
+
+def check_capture(token: Any) -> str | None:
+    """A capture token (a short string) or ``None``; else :class:`InvalidInputError`."""
+    if token is not None and not (isinstance(token, str) and 0 < len(token) <= 64):
+        raise InvalidInputError(f"a capture token must be a string of 1-64 characters, "
+                                f"got {token!r}")
+    return token
 
 
 def _int(d: Mapping[str, Any], name: str, lo: int = 0, hi: int = _MAX_INT) -> int:

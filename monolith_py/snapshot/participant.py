@@ -21,7 +21,6 @@ import logging
 import os
 import queue
 import random
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +31,7 @@ import numpy as np
 
 from monolith_py.errors import DecodeError, InvalidInputError, MonolithError, SnapshotError
 from monolith_py.observe.metrics import histogram
-from monolith_py.snapshot.manifest import check_participant
+from monolith_py.snapshot.manifest import check_participant, new_capture
 from monolith_py.snapshot.pspart import (CapturedPart, ShardCapturer, row_bytes,
                                          table_extra_bytes)
 from monolith_py.snapshot.recovery import PartSource, Recovery, Restored
@@ -237,7 +236,7 @@ class PSParticipant:
         is committed to the SMP in the background)."""
         with self._mu:
             fault_point("ps.capture")
-            token = secrets.token_hex(8)  # tells this capture's part from an earlier run's
+            token = new_capture()  # tells this capture's part from an earlier run's
             part = self.capturer.capture(snapshot_id, step, base_id, alloc=self._take_lease,
                                          extra_meta={"participant": self.name, "capture": token})
             now, times = time.monotonic(), self._captured_at
@@ -502,7 +501,7 @@ class TrainerParticipant:
         """Encode the state now (a copy: the cut) and ship it in the background."""
         t0 = time.perf_counter()
         fault_point("trainer.capture")
-        token = secrets.token_hex(8)
+        token = new_capture()
         frame = encode_trainer_part(self.state_fn(), self.name, snapshot_id, step, capture=token)
         stall = time.perf_counter() - t0
         self._shipper.put(frame)

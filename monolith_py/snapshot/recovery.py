@@ -200,7 +200,7 @@ class Recovery:
             for rec in got.get("records", []):
                 if isinstance(rec, PartRecord):
                     cat.records.setdefault(rec.key, rec)
-            newest = got.get("newest_id", -1)
+            newest = got.get("newest_id", -1)  # a peer may send anything: ints only
             if isinstance(newest, int) and not isinstance(newest, bool):
                 cat.newest_id = max(cat.newest_id, newest)
         cat.newest_id = max([cat.newest_id, *cat.manifests])

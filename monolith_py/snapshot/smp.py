@@ -73,7 +73,13 @@ from monolith_py.errors import (
 )
 from monolith_py.observe.metrics import proc_cpu_s
 from monolith_py.snapshot.bulk import BulkServer, BulkWriter, bulk_read
-from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
+from monolith_py.snapshot.manifest import (
+    Manifest,
+    PartKey,
+    PartRecord,
+    check_capture,
+    check_participant,
+)
 from monolith_py.snapshot.store import STREAM_CHUNK, BlockKey, SMPConfig, SnapshotStore
 from monolith_py.wire import WireLimits, decode_arrays, encode_arrays
 
@@ -269,9 +275,7 @@ class SMPServer:
         t = m.get("timeout_s", 60.0)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 3600:
             raise InvalidInputError("timeout_s must be in [0, 3600]")
-        token = m.get("capture")
-        if token is not None and not (isinstance(token, str) and 0 < len(token) <= 64):
-            raise InvalidInputError("capture must be a short string or null")
+        token = check_capture(m.get("capture"))
         return _frame({"record": self.store.wait_part(p, sid, kind, float(t), token).to_json()})
 
     def _put_block(self, a: dict[str, Any], m: Any) -> bytes:
@@ -655,10 +659,7 @@ class SMPClient:
                 recs.append(PartRecord.from_json(r))
             except DecodeError as exc:
                 log.warning("SMP %s: bad record skipped: %s", self.address, exc)
-        newest = m.get("newest_id", -1)
-        if isinstance(newest, bool) or not isinstance(newest, int):
-            newest = -1  # an SMP that does not say (or says nonsense): no constraint
-        return {"manifests": mans, "records": recs, "newest_id": newest}
+        return {"manifests": mans, "records": recs, "newest_id": m.get("newest_id", -1)}
 
     def stats(self) -> dict[str, Any]:
         return dict(self._call("Stats", _frame())[1]["stats"])

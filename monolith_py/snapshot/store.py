@@ -56,7 +56,13 @@ from monolith_py.snapshot.codec import (
 )
 from monolith_py.snapshot.blocks import BlockKey, block_frame, decode_block_frame
 from monolith_py.snapshot.maintenance import compact, local_chain, repair, repair_manifest
-from monolith_py.snapshot.manifest import Manifest, PartKey, PartRecord, check_participant
+from monolith_py.snapshot.manifest import (
+    Manifest,
+    PartKey,
+    PartRecord,
+    check_capture,
+    check_participant,
+)
 from monolith_py.snapshot.retention import chain_length, needed_parts
 from monolith_py.snapshot.shm import Segment, SegmentPool, default_shm_root
 from monolith_py.testing.faults import fault_point
@@ -317,10 +323,8 @@ class SnapshotStore:
                                   f"{participant!r}")
             if (kind == "full") != (base == -1) or sid < 0 or base >= sid:
                 raise DecodeError(f"part ids inconsistent: {kind} {sid} on base {base}")
-            token = meta.get("capture")
-            if token is not None and not (isinstance(token, str) and 0 < len(token) <= 64):
-                raise DecodeError(f"capture token must be a short string, got {token!r}")
-        except (DecodeError, KeyError, TypeError, ValueError) as exc:
+            token = check_capture(meta.get("capture"))
+        except (DecodeError, InvalidInputError, KeyError, TypeError, ValueError) as exc:
             self._reject("part")
             raise DecodeError(f"rejected part from {participant!r}: {exc}") from exc
         fault_point("smp.commit")
