@@ -25,9 +25,10 @@ Reported:
   in step: one snapshot is taken and its work done before the window's clock starts (the
   increment after a window without snapshots holds that window's changes too, 3-4x a
   steady one, which a job that snapshots every ``--interval-s`` never takes); the window
-  then snapshots every ``--interval-s``, and goes on training (taking no new snapshot)
-  until the SMPs finished the work its snapshots left (``snapshot_window_tail_s``), so
-  none of it lands in the next window without.
+  then snapshots every ``--interval-s``, ``--window-s``/``--interval-s`` times (the last
+  at its end), and goes on training (taking no new snapshot) until the SMPs finished the
+  work its snapshots left (``snapshot_window_tail_s``), so none of it lands in the next
+  window without. ``snapshots_per_window``: the snapshots each window was charged.
 * ``smp_cpu_s_per_snapshot``, ``smp_cpu_pct_of_machine``: CPU the three SMP processes
   used in the windows (per snapshot; as a share of all cores, per mode): the work the
   overhead comes from when the "hosts" share the training's cores.
@@ -221,7 +222,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             steps, t_end = 0, t_start + seconds
             last = time.perf_counter()
             seals = []  # (future, stall s, seconds since the previous snapshot)
-            while time.perf_counter() < t_end:
+            # a window of --window-s takes window/interval snapshots, the last one at its
+            # end (the snapshot that opened it is not charged to it): the rate of a job
+            # that snapshots every --interval-s
+            due = 0 if snapshot_every is None else max(1, round(seconds / snapshot_every))
+            while (time.perf_counter() < t_end) if snapshot_every is None else len(seals) < due:
                 load.step(shard, now[0])
                 now[0] += 1
                 steps += 1
@@ -301,6 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.windows):
             order += ["none", "snap"] if i % 2 == 0 else ["snap", "none"]
         seals: list[Any] = []
+        per_window: list[int] = []  # snapshots charged to each window with snapshots
         for mode in order:
             if mode == "snap":
                 in_step()
@@ -312,6 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 made = {h: c.stats().get("created_bytes", 0) for h, c in smps.items()}
                 t, seals = train(args.window_s, args.interval_s)
                 thr["snap"].append(t)
+                per_window.append(len(seals))
                 for k, v in _threads(smps).items():
                     threads[k] = threads.get(k, 0.0) + v - before.get(k, 0.0)
                 for h, c in smps.items():
@@ -344,6 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["stall_ms"] = statistics.median(stalls)
         out["stall_ms_max"] = max(stalls)
         out["snapshots_in_windows"] = len(stalls)
+        out["snapshots_per_window"] = per_window
         out["stall_ms_per_gb"] = out["stall_ms"] / (state_bytes / (1 << 30))
         out["incremental_bytes_ratio"] = statistics.median(inc_sizes) / full_bytes if inc_sizes else None
         out["smp_cpu_s_per_snapshot"] = smp_cpu["snap"] / max(len(any_stalls), 1)

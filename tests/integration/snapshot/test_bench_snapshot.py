@@ -29,5 +29,7 @@ def test_bench_snapshot_fields() -> None:
     assert any("data blocks read from hosts 1, 2" in line for line in result["restore_ec_log"])
     # each window with snapshots trained on until the SMPs finished its work
     assert len(result["snapshot_window_tail_s"]) == 1 and result["snapshot_window_tail_s"][0] >= 0
+    # ... and was charged window/interval snapshots (a job's rate), the last at its end
+    assert result["snapshots_per_window"] == [2]
     # restores are measured at the longest chain between compactions (--full-every 8)
     assert result["restore_chain_parts"] == 8
