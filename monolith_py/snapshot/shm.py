@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import mmap
@@ -67,6 +68,13 @@ def _round(n: int) -> int:
     return -(-n // step) * step
 
 
+def _fits(want: int, capacity: int) -> bool:
+    """A free segment serves a request of ``want`` (rounded) bytes up to 1.25x its size (4
+    size classes): a looser fit lets small parts take the segments large ones need next
+    (a compaction's full part)."""
+    return want <= capacity <= want + (want >> 2)
+
+
 def _map(fd: int, size: int, writable: bool) -> mmap.mmap:
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
@@ -93,12 +101,21 @@ class Segment:
 class SegmentPool:
     """Creates, recycles and removes the segments of one SMP.
 
+    Which free segments are kept follows demand: the pool remembers the sizes of its last
+    ``history`` requests, and when it holds more than ``keep_free_bytes`` it removes first
+    the free segments that would serve none of them (a lease grown once during a pause),
+    those freed longest ago first; only then segments of sizes still asked for. A request
+    that no free segment fits grows, by the same rule, preferably a segment of a size
+    nobody asks for.
+
     Args:
         directory: where segment files live (created; emptied of old segments).
         keep_free_bytes: bytes of released segments kept for reuse (the rest is removed).
+        history: requests remembered (a compaction cycle of requests or more).
     """
 
-    def __init__(self, directory: str, keep_free_bytes: int = 4 << 30) -> None:
+    def __init__(self, directory: str, keep_free_bytes: int = 4 << 30,
+                 history: int = 64) -> None:
         self.directory = os.path.abspath(directory)
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -115,6 +132,7 @@ class SegmentPool:
         self._free: list[Segment] = []
         self._live: dict[str, Segment] = {}
         self._ids = itertools.count(1)
+        self._asked: collections.deque[int] = collections.deque(maxlen=max(int(history), 1))
         self._lock = threading.Lock()
         self.created_bytes = 0  # new memory so far: segments created, and growth
 
@@ -130,14 +148,14 @@ class SegmentPool:
         with self._lock:
             best = grow = None
             for seg in self._free:
-                # at most 1.25x the request (4 size classes): a looser fit lets small
-                # parts take the segments large ones need next (a compaction's full part)
-                if want <= seg.capacity <= want + (want >> 2):
+                if _fits(want, seg.capacity):
                     if best is None or seg.capacity < best.capacity:
                         best = seg
-                elif (seg.capacity < want <= self.keep_free_bytes
-                      and (grow is None or seg.capacity > grow.capacity)):
-                    grow = seg
+                elif seg.capacity < want <= self.keep_free_bytes and (
+                        grow is None or (self._wanted(grow.capacity), -grow.capacity)
+                        > (self._wanted(seg.capacity), -seg.capacity)):
+                    grow = seg  # the largest of those nobody asks for, else the largest
+            self._asked.append(want)
             if best is not None:
                 self._free.remove(best)
                 self._live[best.name] = best
@@ -163,6 +181,24 @@ class SegmentPool:
                 "%.1f MiB, the largest %.1f MiB)", new / 2**20, want / 2**20, len(free),
                 sum(free) / 2**20, max(free, default=0) / 2**20)
         return seg
+
+    def take(self, nbytes: int) -> Segment | None:
+        """A free segment that fits ``nbytes`` (as :meth:`create` picks it), or ``None``:
+        never new memory."""
+        want = _round(nbytes)
+        with self._lock:
+            fits = [seg for seg in self._free if _fits(want, seg.capacity)]
+            if not fits:
+                return None
+            best = min(fits, key=lambda seg: seg.capacity)
+            self._asked.append(want)
+            self._free.remove(best)
+            self._live[best.name] = best
+            return best
+
+    def _wanted(self, capacity: int) -> bool:
+        """Whether a free segment of ``capacity`` would serve a recent request."""
+        return any(_fits(w, capacity) for w in self._asked)
 
     def _reserve(self, fd: int, offset: int, size: int) -> None:
         try:
@@ -207,10 +243,10 @@ class SegmentPool:
             return self._live.get(name)
 
     def release(self, seg: Segment) -> None:
-        """Return ``seg`` for reuse. Free segments beyond ``keep_free_bytes`` are removed,
-        those freed longest ago first: the ones freed last have the sizes the next parts
-        will have (a compaction frees a whole cycle's segments at once, and the next cycle
-        asks for the same sizes again)."""
+        """Return ``seg`` for reuse. Free segments beyond ``keep_free_bytes`` are removed:
+        first those of sizes no recent request had, then the others; within each, those
+        freed longest ago first (a compaction frees a whole cycle's segments at once, and
+        the next cycle asks for the same sizes again)."""
         drop: list[Segment] = []
         with self._lock:
             if self._live.pop(seg.name, None) is None:
@@ -221,7 +257,9 @@ class SegmentPool:
                 self._free.append(seg)
             kept = sum(s.capacity for s in self._free)
             while self._free and kept > self.keep_free_bytes:
-                old = self._free.pop(0)
+                old = next((s for s in self._free if not self._wanted(s.capacity)),
+                           self._free[0])
+                self._free.remove(old)
                 kept -= old.capacity
                 drop.append(old)
         for old in drop:

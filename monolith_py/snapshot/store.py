@@ -55,7 +55,7 @@ from monolith_py.snapshot.codec import (
     data_block,
 )
 from monolith_py.snapshot.blocks import BlockKey, block_frame, decode_block_frame
-from monolith_py.snapshot.maintenance import compact, local_chain, repair, repair_manifest
+from monolith_py.snapshot.maintenance import compact, repair, repair_manifest
 from monolith_py.snapshot.manifest import (
     Manifest,
     PartKey,
@@ -281,12 +281,15 @@ class SnapshotStore:
                 raise InvalidInputError(f"{nbytes} bytes do not fit segment {segment}")
             del self._leases[segment]
         nbytes = int(nbytes)
-        if 2 * seg.capacity > 3 * nbytes + (32 << 20):
+        small = (self.pool.take(nbytes) if 2 * seg.capacity > 3 * nbytes + (32 << 20)
+                 else None)
+        if small is not None:
             # keeping a part much smaller than its lease (e.g. the first increment after
-            # a full part) would hold memory it does not use. Move the part to a segment
-            # of its size (recycled ones are warm: the copy runs at memory speed) and put
-            # the lease back in the pool for the next one.
-            small = self.pool.create(nbytes)
+            # a full part) would hold memory it does not use. Move the part to a free
+            # segment of its size (warm: the copy runs at memory speed) and put the lease
+            # back in the pool for the next one. With none free the part keeps the
+            # lease: new memory faults in at up to 3 s/GiB, a copy would cost more than
+            # the memory it saves.
             small.view[:nbytes] = seg.view[:nbytes]
             self.pool.release(seg)
             seg = small
@@ -819,9 +822,6 @@ class SnapshotStore:
 
     def _compact(self, man: Manifest, p: str) -> None:
         compact(self, man, p)
-
-    def _local_chain(self, man: Manifest, p: str) -> list[memoryview] | None:
-        return local_chain(self, man, p)
 
     # -- repair after a restart -----------------------------------------------------------------------
 

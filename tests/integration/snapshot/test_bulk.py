@@ -23,6 +23,7 @@ from monolith_py.ps import PSShard
 from monolith_py.snapshot.blocks import block_frame
 from monolith_py.snapshot.bulk import MAX_REQUEST, BulkServer, BulkWriter, bulk_read
 from monolith_py.snapshot.pspart import ShardCapturer
+from monolith_py.snapshot.shm import attach
 from monolith_py.snapshot.smp import SMPClient, SMPServer, _frame
 from monolith_py.snapshot.store import SMPConfig, SnapshotStore
 from monolith_py.table import TableConfig
@@ -409,3 +410,34 @@ def test_parts_larger_than_the_smp_accepts_are_refused_before_memory_is_reserved
         assert store.max_part_bytes == st.f_blocks * st.f_frsize // 2
     finally:
         store.close()
+
+
+def test_a_part_much_smaller_than_its_lease_moves_only_into_free_memory(smp: Any) -> None:
+    """A part committed into a lease far larger than itself moves to a free segment of
+    its size (the lease goes back to the pool); with none free it keeps the lease: making
+    new memory for the move would cost more than the memory it saves."""
+    mib = 1 << 20
+    store = smp.store
+    shard = PSShard(0, 1, [TableConfig("t", dim=8)])
+    shard.pull("t", np.arange(20_000), train=True)
+
+    def commit(sid: int, free_one: bool = False) -> tuple[str, int]:
+        frame = ShardCapturer(shard).capture(sid, sid, None,
+                                             extra_meta={"participant": "ps/0"}).frame()
+        lease = store.lease("ps/0", 64 * mib)
+        if free_one:  # a free segment of the part's size
+            store.pool.release(store.pool.create(frame.nbytes))
+        with attach(lease["path"], lease["capacity"], directory=lease["directory"]) as view:
+            view[: frame.nbytes] = frame
+        created = store.pool.stats()["created_bytes"]
+        store.commit("ps/0", lease["segment"], frame.nbytes)
+        assert store.pool.stats()["created_bytes"] == created       # no new memory
+        assert store.wait_part("ps/0", sid, "full", timeout_s=60) is not None
+        return lease["segment"], frame.nbytes
+
+    segment, nbytes = commit(1)
+    assert store._parts[("ps/0", 1, "full")].seg.name == segment     # kept its lease
+    segment = commit(2, free_one=True)[0]
+    moved = store._parts[("ps/0", 2, "full")].seg
+    assert moved.name != segment and moved.capacity < 2 * nbytes      # moved, lease back
+    assert store.pool.get(segment) is None and bytes(moved.view[:8]) != bytes(8)

@@ -134,6 +134,40 @@ def test_segment_pool_size_classes_and_eviction_order(tmp_path: Any) -> None:
     pool.close(remove_directory=True)
 
 
+def test_segment_pool_keeps_the_sizes_still_asked_for(tmp_path: Any) -> None:
+    mib = 1 << 20
+    pool = SegmentPool(str(tmp_path / "seg"), keep_free_bytes=100 * mib, history=2)
+    steady, odd = pool.create(30 * mib), pool.create(50 * mib)  # odd: a lease in a pause
+    pool.release(steady)
+    x = pool.create(30 * mib)                    # the steady size, asked for again...
+    y = pool.create(30 * mib)                    # ... until the history forgot 50 MiB
+    assert x is steady and y is not steady
+    pool.release(x)
+    pool.release(odd)
+    pool.release(y)                              # 110 MiB free: over budget
+    assert not os.path.exists(odd.path)          # freed after `steady`, yet removed first
+    assert os.path.exists(steady.path) and os.path.exists(y.path)
+    assert pool.stats()["free_segments"] == 2
+    pool.close(remove_directory=True)
+
+
+def test_segment_pool_grows_a_size_nobody_asks_for_first(tmp_path: Any) -> None:
+    mib = 1 << 20
+    pool = SegmentPool(str(tmp_path / "seg"), keep_free_bytes=200 * mib, history=3)
+    hot, cold = pool.create(16 * mib), pool.create(10 * mib)
+    pool.release(hot)
+    pool.release(cold)
+    for _ in range(3):                           # 16 MiB in demand, 10 MiB no longer
+        pool.release(pool.create(16 * mib))
+    big = pool.create(40 * mib)
+    assert big.name == cold.name                 # grown, though not the largest below
+    assert pool.take(16 * mib) is hot            # the size in demand is still there
+    assert pool.take(16 * mib) is None           # take never makes memory
+    before = pool.stats()["created_bytes"]
+    assert pool.take(1 * mib) is None and pool.stats()["created_bytes"] == before
+    pool.close(remove_directory=True)
+
+
 def test_snapshot_policy_with_fake_clock() -> None:
     clock = FakeClock(0.0)
     pol = SnapshotPolicy(every_s=10.0, every_steps=100)
