@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["machine_info", "emit", "run_and_emit"]
+__all__ = ["machine_info", "emit", "run_and_emit", "exit_on_sigterm"]
 
 
 def machine_info() -> dict[str, Any]:
@@ -46,12 +48,26 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def exit_on_sigterm() -> None:
+    """A SIGTERM ends the benchmark like Ctrl-C does: as an exception in the main thread,
+    so the processes it started (SMPs, a broker, servers) are stopped and their shared
+    memory removed by the ``finally`` blocks that own them (the default action killed the
+    benchmark alone and left them running)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def run_and_emit(run: Callable[[argparse.Namespace], dict[str, Any]]
                  ) -> Callable[[argparse.Namespace], int]:
     """The command handler of a benchmark whose ``run(args)`` returns its result dict:
     runs it and prints the result (one JSON object with ``--json``)."""
 
     def handler(args: argparse.Namespace) -> int:
+        exit_on_sigterm()
         emit(run(args), bool(getattr(args, "json", False)))
         return 0
 

@@ -71,6 +71,8 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks._common import run_and_emit
+
 __all__ = ["register", "run"]
 
 
@@ -110,14 +112,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workdir", default=None, help="for checkpoints (default: a temp dir)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from benchmarks._common import emit
-
-    emit(run(args), args.json)
-    return 0
+    p.set_defaults(func=run_and_emit(run))
 
 
 def _fsync_tree(path: str) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "CodecConfig",
     "block_placement",
     "block_size",
+    "crc32c_combine",
     "data_block",
     "encode_parity",
     "ParityEncoder",
@@ -95,6 +96,50 @@ def block_size(size: int, k: int) -> int:
     if size < 0 or k < 1:
         raise InvalidInputError(f"need size >= 0 and k >= 1, got size={size}, k={k}")
     return max(1, -(-size // k))
+
+
+_CASTAGNOLI = 0x82F63B78  # the crc32c polynomial, bit-reversed (bit 31 is x^0)
+
+
+def _gf2_mulmod(a: int, b: int) -> int:
+    """``a(x) * b(x) mod P(x)`` over GF(2), both bit-reversed 32-bit polynomials."""
+    out, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            out ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ (_CASTAGNOLI if b & 1 else 0)  # b * x
+    return out
+
+
+def _powers() -> tuple[int, ...]:
+    """``x^(2^j) mod P`` for j = 0..63."""
+    out, p = [], 1 << 30  # x^1
+    for _ in range(64):
+        out.append(p)
+        p = _gf2_mulmod(p, p)
+    return tuple(out)
+
+
+_X_POW2 = _powers()
+
+
+def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """The crc32c of ``A + B`` from ``crc32c(A)``, ``crc32c(B)`` and ``len(B)``, without
+    reading either: appending ``len_b`` bytes multiplies A's remainder by ``x^(8 len_b)``
+    (the crc's pre- and post-inversion cancel out). A part's crc is combined from the
+    crcs of its data blocks, which the coder computes anyway: one pass over the part
+    instead of two."""
+    if len_b < 0:
+        raise InvalidInputError(f"length must be >= 0, got {len_b}")
+    shift, bits, j = 1 << 31, 8 * int(len_b), 0  # x^0, then x^(8 len_b) by its bits
+    while bits:
+        if bits & 1:
+            shift = _gf2_mulmod(_X_POW2[j], shift)
+        bits >>= 1
+        j += 1
+    return _gf2_mulmod(shift, crc_a & 0xFFFFFFFF) ^ (crc_b & 0xFFFFFFFF)
 
 
 def block_placement(home: int, num_hosts: int, k: int, m: int) -> tuple[int, ...]:

@@ -52,6 +52,7 @@ from monolith_py.snapshot.codec import (
     ParityEncoder,
     block_placement,
     block_size,
+    crc32c_combine,
     data_block,
 )
 from monolith_py.snapshot.blocks import BlockKey, block_frame, decode_block_frame
@@ -479,9 +480,12 @@ class SnapshotStore:
         kept = {i: _Blob(self.pool.create(bs), bs) for i in range(k, m) if placement[i] == home}
         sent = [i for i in range(m) if placement[i] != home]
         crcs = [0] * m
+        # the part's own bytes in each data block (the last one is zero padded), and
+        # their crcs: the part's crc is combined from them (one pass over the part)
+        real = [max(0, min(bs, size - i * bs)) for i in range(k)]
+        real_crcs: list[int | None] = [None] * k
         scratch = self._take_scratch(m - k - len(kept), min(cfg.chunk_bytes, bs))
         try:
-            part_crc = crc32c.crc32c(view)
             enc = ParityEncoder(k, m)
             for lo in range(0, bs, cfg.chunk_bytes):
                 hi = min(lo + cfg.chunk_bytes, bs)
@@ -494,6 +498,11 @@ class SnapshotStore:
                     b = min(a + _CODE_STRIPE, hi - lo)
                     stripe = [memoryview(c)[a:b] for c in chunks]
                     enc.encode_into(stripe[:k], stripe[k:])
+                    for i in range(k):
+                        cut = real[i] - (lo + a)  # the part's bytes end in this stripe
+                        if real_crcs[i] is None and cut < b - a:
+                            real_crcs[i] = (crc32c.crc32c(stripe[i][:cut], crcs[i]) if cut > 0
+                                            else crcs[i])
                     for i in range(m):
                         crcs[i] = crc32c.crc32c(stripe[i], crcs[i])
                 final = hi == bs
@@ -515,6 +524,10 @@ class SnapshotStore:
             raise
         finally:
             self._give_scratch(scratch)
+        part_crc = 0
+        for i in range(k):
+            whole = real_crcs[i]
+            part_crc = crc32c_combine(part_crc, crcs[i] if whole is None else whole, real[i])
         record = PartRecord(participant=key[0], snapshot_id=key[1], kind=key[2],
                             base_id=base_id, size=size, crc=part_crc, home=home, k=k, m=m,
                             block_crcs=tuple(crcs), placement=placement)

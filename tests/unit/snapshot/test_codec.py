@@ -107,3 +107,15 @@ def test_block_placement_rejects_impossible_groups() -> None:
     for home, n, k, m in ((0, 2, 2, 3), (2, 2, 1, 2), (0, 3, 3, 2), (0, 3, 0, 1)):
         with pytest.raises(InvalidInputError):
             codec.block_placement(home, n, k, m)
+
+
+def test_crc32c_combine_equals_the_crc_of_the_concatenation() -> None:
+    import crc32c
+
+    from monolith_py.snapshot.codec import crc32c_combine
+
+    for n_a, n_b in [(0, 0), (0, 7), (9, 0), (1, 1), (4096, 4095), (100_003, 65_536)]:
+        a, b = os.urandom(n_a), os.urandom(n_b)
+        assert crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(b), n_b) == crc32c.crc32c(a + b)
+    with pytest.raises(InvalidInputError):
+        crc32c_combine(0, 0, -1)

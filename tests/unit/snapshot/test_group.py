@@ -496,3 +496,39 @@ def test_wait_part_returns_the_record_of_the_capture_asked_for(group: LocalGroup
     with pytest.raises(DecodeError):  # a token that is not a short string is refused
         store.put_part("trainer/0", encode_trainer_part({"x": torch.ones(4)}, "trainer/0", 8, 80,
                                                         capture="z" * 65))
+
+
+@pytest.mark.parametrize("k,m", [(2, 3), (3, 4)])
+def test_a_records_crc_is_the_parts_for_any_size_and_stripe_cut(tmp_path: Any, k: int,
+                                                                m: int) -> None:
+    """The coder combines the part's crc from its data blocks' crcs; the block padding
+    may end inside a stripe, at a stripe's start, or not exist."""
+    import crc32c
+
+    from monolith_py.snapshot.trainerpart import encode_trainer_part
+
+    chunk = 4096
+    g = LocalGroup(m, k=k, m=m, root=str(tmp_path / "shm"), job="test", chunk_bytes=chunk)
+
+    def part_of(size: int, sid: int) -> bytes:
+        n = size
+        for _ in range(8):  # the header's length depends on the array's
+            frame = encode_trainer_part({"x": torch.ones(max(n, 0), dtype=torch.uint8)},
+                                        "trainer/0", sid, sid)
+            if len(frame) == size:
+                return frame
+            n += size - len(frame)
+        raise AssertionError(f"no part of {size} bytes")
+
+    # whole blocks; padding ending inside the last stripe; padding alone in a stripe
+    sizes = [k * 4 * chunk, k * 4 * chunk - 1, k * (2 * chunk + 1) - 1, 3 * chunk + 5,
+             k * 2 * chunk + 1, 10_001, 65_537]
+    try:
+        store = g.store(0)
+        for sid, size in enumerate(sizes, start=1):
+            frame = part_of(size, sid)
+            store.put_part("trainer/0", frame)
+            rec = store.wait_part("trainer/0", sid, "full", 30.0)
+            assert rec.size == size and rec.crc == crc32c.crc32c(frame), size
+    finally:
+        g.close()
