@@ -93,10 +93,11 @@ def register(subparsers: Any) -> None:
                    help="sealed snapshots each SMP retains (1 keeps the bench under ~6 GB)")
     p.add_argument("--full-every", type=int, default=8,
                    help="SMP composes a full part after this many increments (0: never)")
-    p.add_argument("--keep-free-mb", type=int, default=4096,
-                   help="MiB of freed segments each SMP keeps mapped for reuse (new shared "
-                        "memory faults in at up to 3 s/GiB on a VM: without reuse that is "
-                        "most of the SMPs' CPU)")
+    p.add_argument("--keep-free-mb", type=int, default=None,
+                   help="MiB of freed segments each SMP keeps mapped for reuse (default: 5x "
+                        "--state-mb, a home SMP's turnover in a compaction cycle with room "
+                        "for the leases grown in a pause; new shared memory faults in at up "
+                        "to 3 s/GiB on a VM: without reuse that is most of the SMPs' CPU)")
     p.add_argument("--warmup-snapshots", type=int, default=None,
                    help="snapshots every --interval-s before the measured windows (default: "
                         "two compaction cycles and one more snapshot, the SMPs' steady "
@@ -174,6 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from monolith_py.table import OptimizerConfig, TableConfig
     from monolith_py.testing.hosts import LocalCluster
 
+    if args.keep_free_mb is None:
+        args.keep_free_mb = 5 * args.state_mb
     row_bytes = args.dim * 4 * 2 + 32
     rows = args.state_mb * (1 << 20) // row_bytes
     cfg = TableConfig("t", dim=args.dim, optimizer=OptimizerConfig("adagrad", lr=0.05),

@@ -105,8 +105,8 @@ class SegmentPool:
     ``history`` requests, and when it holds more than ``keep_free_bytes`` it removes first
     the free segments that would serve none of them (a lease grown once during a pause),
     those freed longest ago first; only then segments of sizes still asked for. A request
-    that no free segment fits grows, by the same rule, preferably a segment of a size
-    nobody asks for.
+    that no free segment fits takes such an unwanted larger one before growing a smaller
+    one by much.
 
     Args:
         directory: where segment files live (created; emptied of old segments).
@@ -141,25 +141,35 @@ class SegmentPool:
     def create(self, nbytes: int) -> Segment:
         """A segment of at least ``nbytes``: the smallest free one up to 1.25× that size;
         else the largest free one below it, grown to the size (unless the pool could not
-        keep the result); else a new one."""
+        keep the result) when that adds at most 1/8; else the smallest larger free one of
+        a size no recent request had (its slack costs memory for a while, new memory
+        costs CPU now); else the grown one; else a new one."""
         if nbytes < 0:
             raise InvalidInputError(f"segment size must be >= 0, got {nbytes}")
         want = _round(nbytes)
         with self._lock:
-            best = grow = None
+            best = grow = spare = None
             for seg in self._free:
                 if _fits(want, seg.capacity):
                     if best is None or seg.capacity < best.capacity:
                         best = seg
-                elif seg.capacity < want <= self.keep_free_bytes and (
-                        grow is None or (self._wanted(grow.capacity), -grow.capacity)
-                        > (self._wanted(seg.capacity), -seg.capacity)):
-                    grow = seg  # the largest of those nobody asks for, else the largest
+                elif seg.capacity < want <= self.keep_free_bytes:
+                    if grow is None or seg.capacity > grow.capacity:
+                        grow = seg
+                elif (seg.capacity > want and (spare is None or seg.capacity < spare.capacity)
+                      and not self._wanted(seg.capacity)):
+                    spare = seg
             self._asked.append(want)
+            if grow is not None and spare is not None and want - grow.capacity > want >> 3:
+                best = spare  # no new memory at all, rather than much of it
             if best is not None:
                 self._free.remove(best)
                 self._live[best.name] = best
                 return best
+            if grow is None and spare is not None:
+                self._free.remove(spare)
+                self._live[spare.name] = spare
+                return spare
             if grow is not None:
                 self._free.remove(grow)
         if grow is not None:

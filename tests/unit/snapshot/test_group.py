@@ -447,6 +447,43 @@ def test_lease_grows_when_a_pause_makes_the_next_increment_larger(group: LocalGr
         part.close()
 
 
+def test_an_early_snapshot_does_not_shrink_the_next_lease(group: LocalGroup) -> None:
+    """An on-demand snapshot taken between two scheduled ones is small; the lease after it
+    stays sized for the next scheduled increment (else that one misses its lease and is
+    copied into new memory while training is blocked)."""
+    shard = PSShard(0, 1, [TableConfig("t", dim=16, optimizer=OptimizerConfig("adagrad"),
+                                       initial_capacity=1 << 16)])
+    part = PSParticipant(shard, group.source(0), 0, group=group.sources(), job="test")
+
+    def touch(keys: np.ndarray) -> None:
+        shard.pull("t", keys, train=True)
+        shard.push("t", keys, np.ones((keys.shape[0], 16), np.float32), now=1)
+
+    try:
+        touch(np.arange(40_000))
+        for sid in range(1, 4):  # a full part, then increments of 40 000 rows
+            touch(np.arange(40_000))
+            part.capture(sid, sid, sid - 1 if sid > 1 else None)
+            part.wait_shipped()
+        now = time.monotonic()
+        part._captured_at = [now - 30.0, now - 20.0, now - 10.0]   # this one is on time
+        touch(np.arange(40_000))
+        steady = part.capture(4, 4, 3)["nbytes"]
+        part.wait_shipped()
+        assert int(part._lease["capacity"]) >= 1.5 * steady
+        now = time.monotonic()
+        part._captured_at = [now - 30.0, now - 20.0, now - 10.0, now - 1.0]  # 1 s after
+        touch(np.arange(10))
+        early = part.capture(5, 5, 4)
+        assert early["kind"] == "inc" and early["nbytes"] < steady / 10
+        part.wait_shipped()
+        assert int(part._lease["capacity"]) >= 1.5 * steady    # not sized on the early one
+        touch(np.arange(40_000))
+        assert part.capture(6, 6, 5)["leased"]                  # the next one fits
+    finally:
+        part.close()
+
+
 def test_a_restarted_job_takes_no_snapshot_id_an_unsealed_run_left(group: LocalGroup) -> None:
     """A run killed between its cut and its seal leaves parts of the next ids on the SMPs.
     The restarted job's coordinator starts above them, so none of its parts shares a key

@@ -151,20 +151,22 @@ def test_segment_pool_keeps_the_sizes_still_asked_for(tmp_path: Any) -> None:
     pool.close(remove_directory=True)
 
 
-def test_segment_pool_grows_a_size_nobody_asks_for_first(tmp_path: Any) -> None:
+def test_segment_pool_lends_a_size_nobody_asks_for_before_growing_much(tmp_path: Any) -> None:
     mib = 1 << 20
-    pool = SegmentPool(str(tmp_path / "seg"), keep_free_bytes=200 * mib, history=3)
-    hot, cold = pool.create(16 * mib), pool.create(10 * mib)
-    pool.release(hot)
-    pool.release(cold)
-    for _ in range(3):                           # 16 MiB in demand, 10 MiB no longer
-        pool.release(pool.create(16 * mib))
-    big = pool.create(40 * mib)
-    assert big.name == cold.name                 # grown, though not the largest below
-    assert pool.take(16 * mib) is hot            # the size in demand is still there
-    assert pool.take(16 * mib) is None           # take never makes memory
+    pool = SegmentPool(str(tmp_path / "seg"), keep_free_bytes=400 * mib, history=3)
+    small, hot, cold = pool.create(8 * mib), pool.create(100 * mib), pool.create(200 * mib)
+    for s in (small, hot, cold):
+        pool.release(s)
+    for _ in range(3):                           # 100 MiB in demand, 200 MiB no longer
+        pool.release(pool.create(100 * mib))
     before = pool.stats()["created_bytes"]
-    assert pool.take(1 * mib) is None and pool.stats()["created_bytes"] == before
+    seg = pool.create(40 * mib)                  # growing 8 MiB would add 32: no
+    assert seg is cold and pool.stats()["created_bytes"] == before
+    near = pool.create(9 * mib)                  # growing 8 MiB by 1/9: yes
+    assert near.name == small.name and pool.stats()["created_bytes"] - before == 1 * mib
+    assert pool.take(100 * mib) is hot           # the size in demand is still there
+    assert pool.take(100 * mib) is None          # take never makes memory
+    assert pool.take(1 * mib) is None and pool.stats()["created_bytes"] - before == 1 * mib
     pool.close(remove_directory=True)
 
 
