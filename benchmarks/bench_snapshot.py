@@ -87,8 +87,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--interval-s", type=float, default=10.0, help="seconds between snapshots")
     p.add_argument("--window-s", type=float, default=30.0,
                    help="length of each with/without-snapshot window")
-    p.add_argument("--windows", type=int, default=4,
-                   help="windows per mode (even: the ABBA order is balanced)")
+    p.add_argument("--windows", type=int, default=6,
+                   help="windows per mode (even: the ABBA order is balanced; 6 charge about "
+                        "two compactions to the snapshot windows, one every 8 snapshots)")
     p.add_argument("--keep", type=int, default=1,
                    help="sealed snapshots each SMP retains (1 keeps the bench under ~6 GB)")
     p.add_argument("--full-every", type=int, default=8,
