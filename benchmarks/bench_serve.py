@@ -358,9 +358,9 @@ def _pct(xs: list[float], q: float) -> float:
 
 def _main(args: argparse.Namespace) -> int:
     from benchmarks._common import emit, exit_on_sigterm, machine_info
+    from monolith_py.sync import SyncService, serve_sync
 
     exit_on_sigterm()
-    from monolith_py.sync import SyncService, serve_sync
 
     tr = _Training(args)
     tr.publish_dense()

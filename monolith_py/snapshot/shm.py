@@ -160,16 +160,10 @@ class SegmentPool:
                       and not self._wanted(seg.capacity)):
                     spare = seg
             self._asked.append(want)
-            if grow is not None and spare is not None and want - grow.capacity > want >> 3:
+            if best is None and (grow is None or want - grow.capacity > want >> 3):
                 best = spare  # no new memory at all, rather than much of it
             if best is not None:
-                self._free.remove(best)
-                self._live[best.name] = best
-                return best
-            if grow is None and spare is not None:
-                self._free.remove(spare)
-                self._live[spare.name] = spare
-                return spare
+                return self._lend_locked(best)
             if grow is not None:
                 self._free.remove(grow)
         if grow is not None:
@@ -200,11 +194,13 @@ class SegmentPool:
             fits = [seg for seg in self._free if _fits(want, seg.capacity)]
             if not fits:
                 return None
-            best = min(fits, key=lambda seg: seg.capacity)
             self._asked.append(want)
-            self._free.remove(best)
-            self._live[best.name] = best
-            return best
+            return self._lend_locked(min(fits, key=lambda seg: seg.capacity))
+
+    def _lend_locked(self, seg: Segment) -> Segment:
+        self._free.remove(seg)
+        self._live[seg.name] = seg
+        return seg
 
     def _wanted(self, capacity: int) -> bool:
         """Whether a free segment of ``capacity`` would serve a recent request."""
