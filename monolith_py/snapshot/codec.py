@@ -4,8 +4,9 @@ A part of ``size`` bytes is cut into ``k`` data blocks of ``block_size(size, k)`
 (the last one zero padded); zfec's Reed-Solomon code over GF(2^8) adds ``m - k`` parity
 blocks (computed by :class:`ParityEncoder`, byte for byte what ``zfec.Encoder`` makes, and
 decoded by ``zfec.Decoder``). Any ``k`` of the ``m`` blocks rebuild the part. The code
-works byte column by byte column, so the part is processed in stripes: each stripe is independent (zfec releases the GIL,
-so stripes run on several threads) and peak memory stays at one stripe per thread.
+works byte column by byte column, so the part is processed in stripes: each stripe is
+independent (both coders release the GIL, so stripes run on several threads) and peak
+memory stays at one stripe per thread.
 
 Every block is checksummed with crc32c by the caller that stores it (the crcs are in the
 sealed manifest); this module only does the arithmetic and checks sizes.

@@ -408,7 +408,9 @@ def test_manifest_chains_restart_at_composed_full_parts(tmp_path: Any) -> None:
         g.close()
 
 
-def test_lease_grows_when_a_pause_makes_the_next_increment_larger(group: LocalGroup) -> None:
+def _leasing_participant(group: LocalGroup) -> tuple[PSParticipant, Any]:
+    """A participant on host 0 of a one-table shard, and ``touch(keys)``: a training step
+    on those keys (each changes their rows, so they go into the next increment)."""
     shard = PSShard(0, 1, [TableConfig("t", dim=16, optimizer=OptimizerConfig("adagrad"),
                                        initial_capacity=1 << 16)])
     part = PSParticipant(shard, group.source(0), 0, group=group.sources(), job="test")
@@ -417,6 +419,11 @@ def test_lease_grows_when_a_pause_makes_the_next_increment_larger(group: LocalGr
         shard.pull("t", keys, train=True)
         shard.push("t", keys, np.ones((keys.shape[0], 16), np.float32), now=1)
 
+    return part, touch
+
+
+def test_lease_grows_when_a_pause_makes_the_next_increment_larger(group: LocalGroup) -> None:
+    part, touch = _leasing_participant(group)
     try:
         touch(np.arange(200))
         for sid in range(1, 4):  # a full part, then two small increments
@@ -451,14 +458,7 @@ def test_an_early_snapshot_does_not_shrink_the_next_lease(group: LocalGroup) -> 
     """An on-demand snapshot taken between two scheduled ones is small; the lease after it
     stays sized for the next scheduled increment (else that one misses its lease and is
     copied into new memory while training is blocked)."""
-    shard = PSShard(0, 1, [TableConfig("t", dim=16, optimizer=OptimizerConfig("adagrad"),
-                                       initial_capacity=1 << 16)])
-    part = PSParticipant(shard, group.source(0), 0, group=group.sources(), job="test")
-
-    def touch(keys: np.ndarray) -> None:
-        shard.pull("t", keys, train=True)
-        shard.push("t", keys, np.ones((keys.shape[0], 16), np.float32), now=1)
-
+    part, touch = _leasing_participant(group)
     try:
         touch(np.arange(40_000))
         for sid in range(1, 4):  # a full part, then increments of 40 000 rows
