@@ -78,16 +78,27 @@ def _gather_into(out, src, out_rows, src_rows):  # type: ignore[no-untyped-def]
             out[o, j] = src[r, j]
 
 
-@njit(cache=True, parallel=True)
-def _gather_part(out, src, src_part, src_row, j):  # type: ignore[no-untyped-def]
-    """out[t] = src[src_row[t]] for the rows t with src_part[t] == j (2-D arrays): one
-    scan of the resolution, no index arrays built per part."""
-    w = src.shape[1]
-    for t in prange(out.shape[0]):
-        if src_part[t] == j:
-            r = src_row[t]
-            for c in range(w):
-                out[t, c] = src[r, c]
+@njit(cache=True)
+def _group_rows(src_part, src_row, parts):  # type: ignore[no-untyped-def]
+    """The resolution grouped by part (a counting sort, two scans): part ``j``'s rows are
+    ``out_rows[starts[j]:starts[j + 1]]`` (increasing) of the composed table, taken from its
+    rows ``rows[...]`` (same range)."""
+    n = src_part.shape[0]
+    starts = np.zeros(parts + 1, dtype=np.int64)
+    for t in range(n):
+        starts[src_part[t] + 1] += 1
+    for j in range(parts):
+        starts[j + 1] += starts[j]
+    fill = starts[:-1].copy()
+    out_rows = np.empty(n, dtype=np.int64)
+    rows = np.empty(n, dtype=np.int64)
+    for t in range(n):
+        j = src_part[t]
+        k = fill[j]
+        fill[j] = k + 1
+        out_rows[k] = t
+        rows[k] = src_row[t]
+    return starts, out_rows, rows
 
 
 @njit(cache=True, parallel=True)
@@ -109,29 +120,40 @@ def _copy_into(out, src):  # type: ignore[no-untyped-def]
             out[t, j] = src[t, j]
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _match_part(sk, order, live, src_part, src_row, j):  # type: ignore[no-untyped-def]
     """One merge pass of the increasing ``live`` keys against a part's increasing keys
     ``sk`` (its rows ``order``, or in order when ``order`` is empty): live keys not yet
-    resolved to a newer part are resolved to part ``j``. Returns (keys of ``sk`` found
-    live, live keys newly resolved)."""
-    i = 0
+    resolved to a newer part are resolved to part ``j``. The live keys are cut into ranges
+    merged in parallel, each from its first key's place in ``sk``. Returns (keys of ``sk``
+    found live, live keys newly resolved)."""
     n = sk.shape[0]
+    m = live.shape[0]
+    direct = order.shape[0] == 0
+    ranges = min(16, m // 65536 + 1)
     found = 0
     new = 0
-    direct = order.shape[0] == 0
-    for t in range(live.shape[0]):
-        w = live[t]
-        while i < n and sk[i] < w:
-            i += 1
-        if i == n:
-            break
-        if sk[i] == w:
-            found += 1
-            if src_part[t] < 0:
-                src_part[t] = j
-                src_row[t] = i if direct else order[i]
-                new += 1
+    for c in prange(ranges):
+        lo = m * c // ranges
+        hi = m * (c + 1) // ranges
+        f = 0
+        k = 0
+        if lo < hi:
+            i = np.searchsorted(sk, live[lo])
+            for t in range(lo, hi):
+                w = live[t]
+                while i < n and sk[i] < w:
+                    i += 1
+                if i == n:
+                    break
+                if sk[i] == w:
+                    f += 1
+                    if src_part[t] < 0:
+                        src_part[t] = j
+                        src_row[t] = i if direct else order[i]
+                        k += 1
+        found += f
+        new += k
     return found, new
 
 
@@ -239,20 +261,23 @@ def _fill(res: _Resolved, meta: np.ndarray, weights: np.ndarray,
                 _copy_into(out, tp.slots[s])
         return
     assert res.src_row is not None
-    src_part, src_row = res.src_part, res.src_row
+    # grouped by part, each array is gathered once per part over that part's rows only
+    # (a scan of the whole resolution per part and array cost 1.6x as much at 16 parts)
+    starts, out_rows, rows = _group_rows(res.src_part, res.src_row, len(res.chain))
     for j, tp in enumerate(res.chain):
-        if j in deferred:
-            out_rows = np.flatnonzero(src_part == j)
-            rows = src_row[out_rows]
-            _gather_into(meta, tp.meta, out_rows, rows)
-            assert plan is not None
-            order = np.argsort(rows, kind="stable")
-            plan[(res.name, j)] = (rows[order], out_rows[order], weights, dict(slots))
+        lo, hi = int(starts[j]), int(starts[j + 1])
+        if lo == hi:
             continue
-        _gather_part(meta, tp.meta, src_part, src_row, j)
-        _gather_part(weights, tp.weights, src_part, src_row, j)
+        dest, src = out_rows[lo:hi], rows[lo:hi]
+        _gather_into(meta, tp.meta, dest, src)
+        if j in deferred:
+            assert plan is not None
+            order = np.argsort(src, kind="stable")
+            plan[(res.name, j)] = (src[order], dest[order], weights, dict(slots))
+            continue
+        _gather_into(weights, tp.weights, dest, src)
         for s, out in slots.items():
-            _gather_part(out, tp.slots[s], src_part, src_row, j)
+            _gather_into(out, tp.slots[s], dest, src)
     if _keys_differ(meta, res.live):
         raise CorruptDataError(f"table {res.name!r}: composed keys do not match the live keys")
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import crc32c
+import numba
 
 from monolith_py.errors import (
     ConfigError,
@@ -384,6 +385,10 @@ class SnapshotStore:
 
     def _work(self) -> None:
         self._lower_priority()
+        # One thread for the compiled kernels of background jobs (a compaction's compose):
+        # beside a training that keeps every core busy, a second kernel thread only waits
+        # at the region's end (spinning, in OpenMP) for its half to get a core.
+        numba.set_num_threads(1)
         while True:
             job = self._queue.get()
             if job is None:
