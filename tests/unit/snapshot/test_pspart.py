@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,24 @@ def _step(shard: PSShard, rng: np.random.Generator, now: int) -> None:
         with shard.lock:
             t = shard.tables["item"]
             t.erase(rng.integers(0, 300, 10).astype(np.int64))
+
+
+def _growing_chain(shard: PSShard, rng: np.random.Generator, increments: int
+                   ) -> Iterator[list[Any]]:
+    """A full part of ``shard`` after a few training steps, then ``increments`` increments
+    (1-4 steps before each): yields the decoded chain after each increment."""
+    cap = ShardCapturer(shard)
+    now = 1
+    for _ in range(4):
+        _step(shard, rng, now)
+        now += 3
+    chain = [decode_part(cap.capture(1, 1, None).frame())]
+    for sid in range(2, increments + 2):
+        for _ in range(int(rng.integers(1, 5))):
+            _step(shard, rng, now)
+            now += int(rng.integers(1, 20))
+        chain.append(decode_part(cap.capture(sid, sid, base_id=sid - 1).frame()))
+        yield chain
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -161,19 +180,8 @@ def test_long_chains_compose_in_one_pass(seed: int) -> None:
 
     from monolith_py.snapshot.compose import compose
 
-    rng = np.random.default_rng(seed)
     shard = PSShard(0, 1, TABLES)
-    cap = ShardCapturer(shard)
-    now = 1
-    for _ in range(4):
-        _step(shard, rng, now)
-        now += 3
-    chain = [decode_part(cap.capture(1, 1, None).frame())]
-    for sid in range(2, 10):
-        for _ in range(int(rng.integers(1, 5))):
-            _step(shard, rng, now)
-            now += int(rng.integers(1, 20))
-        chain.append(decode_part(cap.capture(sid, sid, base_id=sid - 1).frame()))
+    for chain in _growing_chain(shard, np.random.default_rng(seed), 9):
         assert_states_equal(compose(chain), shard.state_dict(), f"chain of {len(chain)}")
     # a live key whose row every part lost: found in no part of the chain
     lost = int(chain[-1].tables["user"].live[0])
@@ -203,19 +211,7 @@ def test_deferred_parts_are_planned_not_gathered() -> None:
     same state as composing everything."""
     from monolith_py.snapshot.compose import compose
 
-    rng = np.random.default_rng(7)
-    shard = PSShard(0, 1, TABLES)
-    cap = ShardCapturer(shard)
-    now = 1
-    for _ in range(4):
-        _step(shard, rng, now)
-        now += 3
-    chain = [decode_part(cap.capture(1, 1, None).frame())]
-    for sid in range(2, 7):
-        for _ in range(3):
-            _step(shard, rng, now)
-            now += 5
-        chain.append(decode_part(cap.capture(sid, sid, base_id=sid - 1).frame()))
+    *_, chain = _growing_chain(PSShard(0, 1, TABLES), np.random.default_rng(7), 6)
     whole = compose(chain)
     deferred = {0, 2, 5}
     plan: dict[Any, Any] = {}
