@@ -3,10 +3,11 @@
 Two phases per table, whatever the chain length:
 
 1. **resolve** — the live keys of the newest part, sorted, each mapped to the newest part
-   of the chain that captured its row (``searchsorted`` on each part's sorted keys, newest
-   first); nothing large is allocated yet;
-2. **fill** — every array (row records, weights, slots) is gathered once, by a compiled
-   parallel kernel, straight into its destination: new arrays, a table's
+   of the chain that captured its row (one merge pass per part against its sorted keys,
+   newest first, in parallel ranges of the live keys); nothing large is allocated yet;
+2. **fill** — the resolution is grouped by part, and each part's rows of every array (row
+   records, weights, slots) are gathered by a compiled parallel kernel, straight into
+   their destination: new arrays, a table's
    :meth:`~monolith_py.table.EmbeddingTable.staged_state` (``stage=``: the rows land in
    the arena the table then adopts, so a restore writes each byte of the state once), or
    the arrays of a part frame being written into a shared-memory segment
