@@ -51,6 +51,19 @@ def test_parity_is_byte_for_byte_zfecs(k: int, extra: int, seed: bytes, offset: 
     assert [bytes(o[3:]) for o in out] == [bytes(w) for w in want]
 
 
+@pytest.mark.parametrize("k,m", [(1, 2), (2, 3), (2, 4), (3, 5), (4, 6), (10, 14)])
+def test_parity_over_many_tiles_is_zfecs(k: int, m: int) -> None:
+    """Stripes longer than the kernel's 4 KiB tile (several whole tiles, a partial one and a
+    tail under eight bytes) code exactly as zfec does, for rows of small and large
+    coefficients."""
+    n = 3 * 4096 + 1000 + 5
+    data = [os.urandom(n) for _ in range(k)]
+    out = [bytearray(n) for _ in range(m - k)]
+    codec.ParityEncoder(k, m).encode_into(data, out)
+    assert [bytes(o) for o in out] == [bytes(w) for w in zfec.Encoder(k, m).encode(
+        data, tuple(range(k, m)))]
+
+
 def test_parity_encoder_rejects_mismatched_buffers() -> None:
     enc = codec.ParityEncoder(2, 3)
     with pytest.raises(InvalidInputError):
