@@ -224,3 +224,19 @@ def test_deferred_parts_are_planned_not_gathered() -> None:
         for s, out in slots.items():
             out[dest] = part.slots[s][src]
     assert_states_equal(state, whole, "deferred parts written from the plan")
+
+
+@pytest.mark.parametrize("n,lo,hi", [(0, 0, 1), (1, -5, 5), (5000, -(2**63), 2**63 - 1),
+                                      (70000, 0, 1 << 22), (70000, -3, 3), (3000, 2**40, 2**40 + 7)])
+def test_radix_sort_and_order_equal_numpys(n: int, lo: int, hi: int) -> None:
+    """The compose's radix sort gives numpy's sorted keys and its stable order: keys over
+    the whole signed range, small ones (skipped digits), many duplicates (stability)."""
+    from monolith_py.snapshot.compose import _radix
+
+    keys = np.random.default_rng(n).integers(lo, hi, n, dtype=np.int64, endpoint=True)
+    got, order = _radix(keys, True)
+    np.testing.assert_array_equal(got, np.sort(keys))
+    np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+    alone, none = _radix(keys, False)
+    np.testing.assert_array_equal(alone, got)
+    assert none.shape == (0,)
