@@ -49,6 +49,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import crc32c
+
 from monolith_py.errors import (
     CorruptDataError,
     DecodeError,
@@ -250,18 +252,20 @@ class BulkServer:
         target = self._put(meta)  # InvalidInputError: answered by the caller
         try:
             conn.sendall(_message({"ready": True}))
-            view, got = target.view, 0
+            view, got, summed = target.view, 0, 0
             while got < view.nbytes:
-                r = conn.recv_into(view[got: got + 4 * CHUNK])
+                r = conn.recv_into(view[got: got + CHUNK])
                 if not r:
                     raise ConnectionError(f"connection closed after {got} of {view.nbytes} bytes")
+                # summed while the bytes just received are in cache, not in a pass of its own
+                summed = crc32c.crc32c(view[got: got + r], summed)
                 got += r
             trailer = _read_message(conn)
             crc = None if trailer is None else trailer.get("block_crc")
             if isinstance(crc, bool) or not isinstance(crc, int):
                 raise InvalidInputError(f"bad block trailer {trailer!r}")
             try:
-                target.commit(crc)
+                target.commit(crc, summed)
             except CorruptDataError as exc:  # commit gave the segment back
                 self._on_reject()
                 conn.sendall(_message({"error": f"{type(exc).__name__}: {exc}"[:2000]}))

@@ -914,12 +914,14 @@ class _BlockTarget:
         self._store, self.key, self._seg, self._open = store, key, seg, True
         self.view = seg.view[:nbytes]
 
-    def commit(self, block_crc: int) -> None:
+    def commit(self, block_crc: int, received_crc: int | None = None) -> None:
         """Keep the block if its crc32c is ``block_crc``; else give the segment back and
-        raise :class:`CorruptDataError`."""
+        raise :class:`CorruptDataError`. ``received_crc``: the crc32c of the bytes in
+        :attr:`view`, summed by the receiver as they arrived (else computed here)."""
         self._open = False
         fault_point("smp.block")
-        if crc32c.crc32c(self.view) != block_crc:
+        actual = crc32c.crc32c(self.view) if received_crc is None else received_crc
+        if actual != block_crc:
             self._store.pool.release(self._seg)
             self._store._reject("block")
             raise CorruptDataError(f"block {self.key} arrived corrupt (crc mismatch)")
