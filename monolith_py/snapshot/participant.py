@@ -51,6 +51,7 @@ _OVERDUE = 1.25  # a capture is overdue after this many typical intervals; also 
                  # margin a lease keeps over the increment it is meant for
 _EARLY = 0.5  # ... and early before this many (an on-demand snapshot between two
               # scheduled ones): neither sizes the next lease
+_RENEW_AT = 0.4  # the next lease is taken this many typical intervals after a capture
 
 
 def _typical_gap(times: list[float]) -> float | None:
@@ -154,6 +155,8 @@ class PSParticipant:
         self._mu = threading.Lock()
         self._captured_at: list[float] = []  # monotonic times of recent captures
         self._steady_inc = 0  # bytes of the last increment not taken after a pause
+        self._renew_due: int | None = None  # bytes of a lease to take at _RENEW_AT
+        self._renew_mu = threading.Lock()
         self._shipper = _Shipper(self.name, self._ship, self._watch_lease)
         self.last: dict[str, Any] = {}
         self.stalls: list[float] = []  # lock-held seconds of recent captures
@@ -195,6 +198,28 @@ class PSParticipant:
             self._mapping, self._lease = mapping, lease
         self._give_back(*old)
 
+    def _renew_later(self, nbytes: int) -> None:
+        """Lease ``nbytes`` for the next part once :data:`_RENEW_AT` typical intervals
+        have passed since the last capture (right away while the interval is unknown).
+
+        A part is committed before its snapshot is sealed, and the seal is what frees
+        the segments no retained snapshot needs any more: after a compaction, the whole
+        chain it replaced. A lease taken at the commit found those still in use, and the
+        SMP made new memory for it (up to 3 s/GiB on a VM) every compaction cycle. By
+        :data:`_RENEW_AT` the seal is long done. A capture that comes sooner takes the
+        lease first (outside the shard lock)."""
+        with self._renew_mu:
+            self._renew_due = int(nbytes)
+        if _typical_gap(self._captured_at) is None:
+            self._renew_pending()
+
+    def _renew_pending(self) -> None:
+        """Take the lease :meth:`_renew_later` left due, if any (once)."""
+        with self._renew_mu:
+            nbytes, self._renew_due = self._renew_due, None
+            if nbytes is not None:
+                self._renew_lease(nbytes)
+
     def _drop_lease_locked(self) -> None:
         self._give_back(self._mapping, self._lease)
         self._mapping, self._lease = None, None
@@ -209,7 +234,8 @@ class PSParticipant:
                 pass
 
     def _watch_lease(self) -> float | None:
-        """Between captures (on the shipper thread): once the next capture is overdue,
+        """Between captures (on the shipper thread): takes the lease left due by
+        :meth:`_renew_later` when its time comes; once the next capture is overdue,
         count the rows changed since the last one and lease a larger segment if the
         increment would no longer fit. After a pause in snapshots the increment grows
         past the lease, and a part that does not fit is copied into fresh private memory
@@ -217,6 +243,11 @@ class PSParticipant:
         until the next look (``None``: not before the next capture)."""
         times, last = self._captured_at, self.last.get("snapshot_id")
         typical = _typical_gap(times)
+        if self._renew_due is not None:
+            wait = 0.0 if typical is None else times[-1] + _RENEW_AT * typical - time.monotonic()
+            if wait > 0:
+                return wait
+            self._renew_pending()
         if typical is None or last is None:
             return None
         due = times[-1] + _OVERDUE * typical - time.monotonic()
@@ -236,6 +267,11 @@ class PSParticipant:
     def capture(self, snapshot_id: int, step: int, base_id: int | None) -> dict[str, Any]:
         """Take this shard's part of the cut (returns once the lock is released; the part
         is committed to the SMP in the background)."""
+        try:  # an early capture: its lease is not taken yet
+            self._renew_pending()
+        except Exception as exc:  # the part is then copied into new memory
+            log.warning("%s: leasing a segment for the capture failed: %s: %s", self.name,
+                        type(exc).__name__, exc)
         with self._mu:
             fault_point("ps.capture")
             token = new_capture()  # tells this capture's part from an earlier run's
@@ -260,8 +296,10 @@ class PSParticipant:
             return dict(self.last)
 
     def _ship(self, item: Any) -> None:
-        if item == "lease":
-            self._renew_lease(int(1.1 * self.full_size_estimate()))
+        if item == "lease":  # a full part next: this lease replaces any still due
+            with self._renew_mu:
+                self._renew_due = None
+                self._renew_lease(int(1.1 * self.full_size_estimate()))
             return
         part, lease, mapping, off_time = item
         part.finish()
@@ -286,7 +324,7 @@ class PSParticipant:
         # it and be copied into new memory inside the stall (~400 ms for 130 MB here)
         if kind == "inc" and (not off_time or not self._steady_inc):
             self._steady_inc = nbytes
-        self._renew_lease(int(1.5 * self._steady_inc) if kind == "inc" else int(0.5 * nbytes))
+        self._renew_later(int(1.5 * self._steady_inc) if kind == "inc" else int(0.5 * nbytes))
 
     def _commit_copy(self, part: CapturedPart) -> None:
         lease = self.smp.lease(self.name, part.nbytes)

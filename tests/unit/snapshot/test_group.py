@@ -430,6 +430,7 @@ def test_lease_grows_when_a_pause_makes_the_next_increment_larger(group: LocalGr
             touch(np.arange(sid * 10))
             part.capture(sid, sid, sid - 1 if sid > 1 else None)
             part.wait_shipped()
+        part._renew_pending()  # the lease the shipper takes 0.4 intervals after a capture
         lease = part._lease
         now = time.monotonic()
         part._captured_at = [now - 3.0, now - 2.0, now - 1.0]  # next capture due in 0.25 s
@@ -445,6 +446,7 @@ def test_lease_grows_when_a_pause_makes_the_next_increment_larger(group: LocalGr
         assert info["kind"] == "inc" and info["leased"], info
         assert 0.8 * est <= info["nbytes"] <= est
         part.wait_shipped()
+        part._renew_pending()
         after = part._lease    # sized on the last increment taken on time, not this one
         assert after is not None and int(after["capacity"]) < info["nbytes"]
         part._captured_at = [now - 40.0, now - 30.0, now - 20.0]
@@ -470,6 +472,7 @@ def test_an_early_snapshot_does_not_shrink_the_next_lease(group: LocalGroup) -> 
         touch(np.arange(40_000))
         steady = part.capture(4, 4, 3)["nbytes"]
         part.wait_shipped()
+        part._renew_pending()
         assert int(part._lease["capacity"]) >= 1.5 * steady
         now = time.monotonic()
         part._captured_at = [now - 30.0, now - 20.0, now - 10.0, now - 1.0]  # 1 s after
@@ -477,9 +480,53 @@ def test_an_early_snapshot_does_not_shrink_the_next_lease(group: LocalGroup) -> 
         early = part.capture(5, 5, 4)
         assert early["kind"] == "inc" and early["nbytes"] < steady / 10
         part.wait_shipped()
+        part._renew_pending()
         assert int(part._lease["capacity"]) >= 1.5 * steady    # not sized on the early one
         touch(np.arange(40_000))
         assert part.capture(6, 6, 5)["leased"]                  # the next one fits
+    finally:
+        part.close()
+
+
+def test_the_next_lease_is_taken_after_the_seal_not_at_the_commit(group: LocalGroup) -> None:
+    """Once the interval between captures is known, the lease for the next part is taken
+    0.4 intervals after a capture (by then the seal has freed what the retained snapshots
+    no longer need), not when the part is committed; a capture that comes sooner takes it
+    first and still writes into a lease."""
+    part, touch = _leasing_participant(group)
+    try:
+        for sid in range(1, 3):  # interval unknown: each lease is taken at the commit
+            touch(np.arange(1000))
+            part.capture(sid, sid, sid - 1 if sid > 1 else None)
+            part.wait_shipped()
+            assert part._renew_due is None and part._lease is not None
+        touch(np.arange(1000))
+        part.capture(3, 3, 2)
+        part.wait_shipped()
+        now = time.monotonic()
+        part._captured_at = [now - 300.0, now - 200.0, now - 100.0]  # a 100 s interval
+        touch(np.arange(1000))
+        info = part.capture(4, 4, 3)
+        assert info["leased"]
+        part.wait_shipped()
+        assert part._lease is None and part._renew_due is not None  # not at the commit
+        wait = part._watch_lease()
+        assert wait is not None and 30.0 < wait <= 40.0        # 0.4 of the interval
+        assert part._lease is None
+        part._captured_at[-1] -= 40.0                          # the time has come
+        part._watch_lease()
+        assert part._lease is not None and part._renew_due is None
+        lease = part._lease
+        part._watch_lease()
+        assert part._lease is lease                            # taken once
+        part._captured_at = [now - 300.0, now - 200.0, now - 100.0]
+        touch(np.arange(1000))
+        part.capture(5, 5, 4)
+        part.wait_shipped()
+        assert part._lease is None and part._renew_due is not None
+        touch(np.arange(1000))
+        assert part.capture(6, 6, 5)["leased"]                 # an early capture leases first
+        part.wait_shipped()
     finally:
         part.close()
 
