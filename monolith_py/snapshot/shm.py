@@ -142,13 +142,14 @@ class SegmentPool:
         """A segment of at least ``nbytes``: the smallest free one up to 1.25× that size;
         else the largest free one below it, grown to the size (unless the pool could not
         keep the result) when that adds at most 1/8; else the smallest larger free one of
-        a size no recent request had (its slack costs memory for a while, new memory
-        costs CPU now); else the grown one; else a new one."""
+        a size no recent request had, or else the smallest one up to 1.5× the size (its
+        slack costs memory for a while, new memory costs CPU now); else the grown one;
+        else a new one."""
         if nbytes < 0:
             raise InvalidInputError(f"segment size must be >= 0, got {nbytes}")
         want = _round(nbytes)
         with self._lock:
-            best = grow = spare = None
+            best = grow = spare = near = None
             for seg in self._free:
                 if _fits(want, seg.capacity):
                     if best is None or seg.capacity < best.capacity:
@@ -156,12 +157,15 @@ class SegmentPool:
                 elif seg.capacity < want <= self.keep_free_bytes:
                     if grow is None or seg.capacity > grow.capacity:
                         grow = seg
-                elif (seg.capacity > want and (spare is None or seg.capacity < spare.capacity)
-                      and not self._wanted(seg.capacity)):
-                    spare = seg
+                elif seg.capacity > want and not self._wanted(seg.capacity):
+                    if spare is None or seg.capacity < spare.capacity:
+                        spare = seg
+                elif want < seg.capacity <= want + (want >> 1):
+                    if near is None or seg.capacity < near.capacity:
+                        near = seg
             self._asked.append(want)
             if best is None and (grow is None or want - grow.capacity > want >> 3):
-                best = spare  # no new memory at all, rather than much of it
+                best = spare or near  # no new memory at all, rather than much of it
             if best is not None:
                 return self._lend_locked(best)
             if grow is not None:

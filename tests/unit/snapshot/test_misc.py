@@ -188,3 +188,23 @@ def test_smp_side_does_not_import_torch() -> None:
             "monolith_py.snapshot.pspart, monolith_py.snapshot.cli; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert out.stdout.strip() == b"False", out.stderr.decode()[-2000:]
+
+
+def test_segment_pool_lends_a_somewhat_larger_segment_before_making_much_memory(
+        tmp_path: Any) -> None:
+    """A request that no free segment fits within 1.25x, and that growing a smaller one
+    would serve only with much new memory, takes a free one up to 1.5x its size even if
+    that size is still asked for; a larger one it does not take."""
+    mib = 1 << 20
+    pool = SegmentPool(str(tmp_path / "seg"), keep_free_bytes=1024 * mib)
+    wide, small = pool.create(276 * mib), pool.create(62 * mib)   # both sizes asked for
+    pool.release(wide)
+    pool.release(small)
+    before = pool.stats()["created_bytes"]
+    got = pool.create(216 * mib)          # 1.25x: 270 MiB < 288; growing 62 MiB: +154 MiB
+    assert got is wide and pool.stats()["created_bytes"] == before
+    pool.release(got)
+    got = pool.create(150 * mib)          # 288 MiB is more than 1.5x: grown instead
+    assert got.name == small.name and pool.stats()["created_bytes"] > before  # grown
+    pool.release(got)
+    pool.close(remove_directory=True)
