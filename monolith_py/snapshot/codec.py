@@ -232,7 +232,7 @@ def _parity_words(srcs: Any, coef: np.ndarray, bits: np.ndarray,
                 if b < bits[j] - 1:
                     for i in range(hi - lo):
                         x = d[i]
-                        h = x & _HIGH  # each lane's top bit; (h - h >> 7) | h: 0xFF lanes
+                        h = x & _HIGH  # each lane's top bit; (h - (h >> 7)) | h: 0xFF lanes
                         d[i] = ((x & _LOW7) << _ONE) ^ (((h - (h >> _SEVEN)) | h) & _POLY)
                 for t in range(len(srcs)):
                     if (coef[j, t] >> b) & 1:
@@ -298,7 +298,8 @@ class ParityEncoder:
                 w = a[:n8].view(np.uint64)
                 w.setflags(write=False)  # one array type for all (some come from bytes)
                 words.append(w)
-            _parity_words(tuple(words), self.coef, self._bits, tuple(a[:n8].view(np.uint64) for a in dst))
+            _parity_words(tuple(words), self.coef, self._bits,
+                          tuple(a[:n8].view(np.uint64) for a in dst))
         for r in range(n8, n):  # the last few bytes
             for j, a in enumerate(dst):
                 v = 0

@@ -203,11 +203,12 @@ class PSParticipant:
         have passed since the last capture (right away while the interval is unknown).
 
         A part is committed before its snapshot is sealed, and the seal is what frees
-        the segments no retained snapshot needs any more: after a compaction, the whole
-        chain it replaced. A lease taken at the commit found those still in use, and the
-        SMP made new memory for it (up to 3 s/GiB on a VM) every compaction cycle. By
-        :data:`_RENEW_AT` the seal is long done. A capture that comes sooner takes the
-        lease first (outside the shard lock)."""
+        the segments no retained snapshot needs any more: the seal after a compaction's
+        snapshot frees the whole chain the composed part replaced. A lease taken at that
+        commit found the chain still in use, and the SMP made new memory for it (up to
+        3 s/GiB on a VM) once every compaction cycle. By :data:`_RENEW_AT` the seal is
+        long done. A capture that comes sooner takes the lease first (outside the shard
+        lock)."""
         with self._renew_mu:
             self._renew_due = int(nbytes)
         if _typical_gap(self._captured_at) is None:
