@@ -227,7 +227,8 @@ def test_deferred_parts_are_planned_not_gathered() -> None:
 
 
 @pytest.mark.parametrize("n,lo,hi", [(0, 0, 1), (1, -5, 5), (5000, -(2**63), 2**63 - 1),
-                                      (70000, 0, 1 << 22), (70000, -3, 3), (3000, 2**40, 2**40 + 7)])
+                                      (70000, 0, 1 << 22), (70000, -3, 3),
+                                      (3000, 2**40, 2**40 + 7)])
 def test_radix_sort_and_order_equal_numpys(n: int, lo: int, hi: int) -> None:
     """The compose's radix sort gives numpy's sorted keys and its stable order: keys over
     the whole signed range, small ones (skipped digits), many duplicates (stability)."""
